@@ -5,7 +5,8 @@ per-token cos/sin to float16 before use (`s2v_utils.rope_precompute` builds a co
 exp(i * pos * w) for any int32 position as a product of four factors, one per base-256 digit of |pos|, each read from
 a float64-accurate table: the float32 error stays at a few ulp however long the stream runs, and for positions below
 256 the single non-trivial factor is exactly the float32 rounding of the float64 value, so the float16 rounding that
-follows matches the official table. Negative positions (motion frames) use the complex conjugate, as officially.
+follows matches the official table except where float64 -> float32 -> float16 double rounding differs from a direct
+float64 -> float16 rounding (about 1 entry in 5,000, by one float16 ulp). Negative positions (motion frames) use the complex conjugate, as officially.
 """
 
 from __future__ import annotations
