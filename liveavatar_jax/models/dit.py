@@ -532,9 +532,12 @@ class CausalS2VDiT(nnx.Module):
         sink_tab = self.sink_table(h, w, cfg.sink_position + rollout)
 
         capacity = cache.capacity
-        start = first_frame * n_frame
-        offset = start % capacity
-        valid = jnp.minimum(start + n_block, capacity)
+        if capacity % n_frame:
+            raise ValueError(f"ring capacity {capacity} is not a whole number of {n_frame}-token frames")
+        ring_frames = capacity // n_frame
+        # Slot arithmetic in frames, never in tokens, so that int32 holds for any stream length.
+        offset = (first_frame % ring_frames) * n_frame
+        valid = jnp.minimum(first_frame + f, ring_frames) * n_frame
         n_sink = sink.length
 
         def attend(attn, hs, cache_l):
