@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -58,10 +59,13 @@ def euler_step(x, v, sigma, sigma_next):
     diffusers upcasts the sample to float32, but `dt` is a 0-dim float32 tensor, so PyTorch's type promotion makes
     `dt * v` a product in the model output's dtype; the float32 sum is then cast back to that dtype. With a bf16 model
     output this gives `bf16(fp32(x) + bf16(dt * v))`; with float32 it is the plain float32 update. `dt` is the float32
-    difference of the float32 sigmas. The result has the dtype of `v`.
+    difference of the float32 sigmas. The result has the dtype of `v`, and is the same eagerly and under jit.
     """
     v = jnp.asarray(v)
     out_dtype = v.dtype
     dt = jnp.asarray(sigma_next, jnp.float32) - jnp.asarray(sigma, jnp.float32)
     step = (dt * v.astype(jnp.float32)).astype(out_dtype)
+    # Under jit XLA would contract the product and the sum into one FMA (one rounding instead of PyTorch's two,
+    # 1 ulp off in float32); the barrier keeps the product rounded on its own.
+    step = jax.lax.optimization_barrier(step)
     return (jnp.asarray(x).astype(jnp.float32) + step.astype(jnp.float32)).astype(out_dtype)

@@ -15,6 +15,7 @@ bfloat16 and float8 come from ml_dtypes.
 from __future__ import annotations
 
 import io
+import math
 import mmap
 import os
 import pickle
@@ -119,9 +120,9 @@ class PthTensor:
                              f"exceeds its storage of {flat.size} elements")
         if count == 0:
             return np.zeros(self.shape, self.dtype)
-        contiguous = tuple(int(np.prod(self.shape[i + 1:])) for i in range(len(self.shape)))
-        if self.stride == contiguous or len(self.shape) == 0:
-            return flat[self.offset:self.offset + int(np.prod(self.shape))].reshape(self.shape)
+        contiguous = tuple(math.prod(self.shape[i + 1:]) for i in range(len(self.shape)))
+        if self.stride == contiguous:
+            return flat[self.offset:self.offset + math.prod(self.shape)].reshape(self.shape)
         view = np.lib.stride_tricks.as_strided(
             flat[self.offset:], shape=self.shape, strides=[s * self.dtype.itemsize for s in self.stride],
             writeable=False)
@@ -388,6 +389,88 @@ class PthCheckpoint:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing (for tests and for handing weights back to PyTorch users): the same formats torch.save writes.
+class _Global:
+    """Pickled as `GLOBAL module name` without importing it (torch is not installed here)."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def __call__(self, *args):  # pickle insists that a reduce function be callable; this one is only written
+        raise TypeError(f"{self.module}.{self.name} is a placeholder for pickling")
+
+
+class _StorageRecord:
+    def __init__(self, key: str, array: np.ndarray):
+        self.key, self.array = key, array
+
+
+class _TensorRecord:
+    def __init__(self, storage: _StorageRecord):
+        self.storage = storage
+
+    def __reduce_ex__(self, protocol):
+        shape = tuple(int(s) for s in self.storage.array.shape)
+        stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+        return (_Global("torch._utils", "_rebuild_tensor_v2"),
+                (self.storage, 0, shape, stride, False, OrderedDict()))
+
+
+_STORAGE_NAMES = {np.dtype(v): k for k, v in _STORAGE_DTYPES.items() if k != "UntypedStorage"}
+
+
+class _StateDictPickler(pickle._Pickler):  # the Python pickler lets `save` emit arbitrary GLOBALs
+    def __init__(self, file, legacy: bool):
+        super().__init__(file, protocol=2)
+        self.legacy = legacy
+
+    def save(self, obj, save_persistent_id=True):
+        if isinstance(obj, _Global):
+            self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
+            return
+        super().save(obj, save_persistent_id)
+
+    def persistent_id(self, obj):
+        if not isinstance(obj, _StorageRecord):
+            return None
+        storage = _Global("torch", _STORAGE_NAMES[obj.array.dtype])
+        pid = ("storage", storage, obj.key, "cpu", int(obj.array.size))
+        return pid + (None,) if self.legacy else pid
+
+
+def save_pth(state_dict: dict, path: str | os.PathLike, *, legacy: bool = False) -> None:
+    """Writes {name: array} as torch.save would (zip format, or the pre-1.6 legacy format), one storage per tensor."""
+    path = Path(path)
+    records = OrderedDict()
+    for i, (name, value) in enumerate(state_dict.items()):
+        array = np.asarray(value, order="C")  # (ascontiguousarray would turn a 0-d tensor into 1-d)
+        if array.dtype not in _STORAGE_NAMES:
+            raise ValueError(f"{name}: dtype {array.dtype} has no torch storage type")
+        records[name] = _StorageRecord(str(i), array)
+    pickled = io.BytesIO()
+    _StateDictPickler(pickled, legacy).dump(OrderedDict((k, _TensorRecord(r)) for k, r in records.items()))
+    if legacy:
+        with open(path, "wb") as f:
+            for header in (_LEGACY_MAGIC, _LEGACY_PROTOCOL,
+                           {"protocol_version": _LEGACY_PROTOCOL, "little_endian": True,
+                            "type_sizes": {"short": 2, "int": 4, "long": 8}}):
+                pickle.dump(header, f, protocol=2)
+            f.write(pickled.getvalue())
+            pickle.dump([r.key for r in records.values()], f, protocol=2)
+            for r in records.values():
+                f.write(struct.pack("<q", r.array.size))
+                f.write(r.array.astype(r.array.dtype.newbyteorder("<"), copy=False).tobytes())
+        return
+    root = path.stem
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as z:
+        z.writestr(f"{root}/data.pkl", pickled.getvalue())
+        z.writestr(f"{root}/byteorder", "little")
+        for r in records.values():
+            z.writestr(f"{root}/data/{r.key}", r.array.tobytes())
+        z.writestr(f"{root}/version", "3\n")
 
 
 def load_pth(path: str | os.PathLike) -> dict[str, np.ndarray]:
