@@ -1,6 +1,5 @@
 """The torch-free .pth reader: golden files, both torch formats, strided views, and refusal of pickled code."""
 
-import io
 import json
 import os
 import pickle
