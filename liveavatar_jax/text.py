@@ -35,6 +35,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from liveavatar_jax.models.umt5 import UMT5_XXL, UMT5Config
+from liveavatar_jax.weights.umt5_keys import load_umt5
 
 TOKENIZER_SUBDIR = Path("google") / "umt5-xxl"
 T5_WEIGHT_NAMES = ("models_t5_umt5-xxl-enc-bf16.safetensors", "models_t5_umt5-xxl-enc-bf16.pth")
@@ -183,8 +184,6 @@ class PromptEncoder:
 
     def __init__(self, weights: str | os.PathLike, tokenizer: str | os.PathLike, config: UMT5Config = UMT5_XXL,
                  *, dtype=jnp.bfloat16, cache_dir: str | os.PathLike | None = None):
-        from liveavatar_jax.weights.umt5_keys import load_umt5
-
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.weights = Path(weights)
@@ -192,7 +191,6 @@ class PromptEncoder:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._identity = None
         self._model_state = None
-        self._load_umt5 = load_umt5
         self.encoder_calls = 0  # prompts actually run through the encoder (cache misses)
 
     @classmethod
@@ -203,7 +201,7 @@ class PromptEncoder:
     def _encoder(self):
         """Loads the weights on first use, so cached prompts never touch the 11 GB file."""
         if self._model_state is None:
-            model = self._load_umt5(self.weights, self.config, dtype=self.dtype)
+            model = load_umt5(self.weights, self.config, dtype=self.dtype)
             graphdef, state = nnx.split(model)
             self._model_state = (jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask)), state)
         return self._model_state

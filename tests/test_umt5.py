@@ -90,6 +90,10 @@ def test_config_from_official_kwargs():
     official = dict(vocab_size=256384, dim=4096, dim_attn=4096, dim_ffn=10240, num_heads=64, encoder_layers=24,
                     decoder_layers=24, num_buckets=32, shared_pos=False, dropout=0.1)
     assert UMT5Config.from_kwargs(official) == UMT5_XXL
+    from ml_collections import ConfigDict
+    tiny = UMT5Config.from_config(ConfigDict({"vocab": 128, "dim": 32, "dim_attn": 32, "dim_ffn": 64,
+                                              "num_heads": 4, "num_layers": 2, "text_len": 16}))
+    assert (tiny.head_dim, tiny.num_buckets, tiny.text_len) == (8, 32, 16)
     with pytest.raises(ValueError, match="shared_pos"):
         UMT5Config.from_kwargs({**official, "shared_pos": True})
     with pytest.raises(ValueError, match="unknown UMT5Config field"):
