@@ -76,8 +76,9 @@ def rolling_distances(key, block, steps: int, dist_range: tuple[int, int]):
 class StreamEngine:
     """Runs the DiT over a stream. The model is split once; jitted functions merge it inside.
 
-    `decoder`, when given, is an object with `init(latents_shape) -> cache`, `prime(cache, motion_latents) ->
-    cache` and `decode(cache, latents) -> (frames, cache)` (the streaming VAE); its cache rides in the state.
+    `decoder`, when given, is the streaming VAE seen as pure functions of its parameters `decoder.params`:
+    `init(params, latents_shape) -> cache`, `prime(params, cache, motion_latents) -> cache` and
+    `decode(params, cache, latents) -> (frames, cache)`; its cache rides in the state.
     """
 
     def __init__(self, model: CausalS2VDiT, cfg: StreamConfig = StreamConfig(), decoder=None):
@@ -90,6 +91,7 @@ class StreamEngine:
         self.timesteps = np.asarray(sched.timesteps, np.float32)
         self.sigmas = np.asarray(sched.sigmas, np.float32)
         self.decoder = decoder
+        self.decoder_params = None if decoder is None else decoder.params
         self._step = jax.jit(self._step_impl, static_argnames=("trace",), donate_argnums=(1,))
         self._run = jax.jit(self._run_impl, static_argnames=("trace",), donate_argnums=(1,))
         self._init = jax.jit(self._init_impl)
@@ -99,7 +101,7 @@ class StreamEngine:
 
     # ----------------------------------------------------------------------------------------------- state
 
-    def _init_impl(self, params, ctx: StreamContext, key):
+    def _init_impl(self, params, dec_params, ctx: StreamContext, key):
         model = self.merged(params)
         mc, cfg = self.model_cfg, self.cfg
         b, _, _, h, w = ctx.ref_latents.shape
@@ -109,18 +111,19 @@ class StreamEngine:
         rings = jax.tree.map(lambda a: jnp.broadcast_to(a, (cfg.steps, *a.shape)), ring)
         decoder = None
         if self.decoder is not None:
-            decoder = self.decoder.prime(self.decoder.init((b, mc.in_dim, cfg.frames_per_block, h, w)),
-                                         ctx.motion_latents)
+            cache = self.decoder.init(dec_params, (b, mc.in_dim, cfg.frames_per_block, h, w))
+            decoder = self.decoder.prime(dec_params, cache, ctx.motion_latents)
         return StreamState(rings=rings, sink=sink, first_latent=jnp.zeros_like(ctx.ref_latents, mc.jnp_dtype),
                            block=jnp.zeros((), jnp.int32), key=key, decoder=decoder)
 
     def init(self, ctx: StreamContext, seed_or_key) -> StreamState:
         key = jax.random.key(seed_or_key) if isinstance(seed_or_key, int) else seed_or_key
-        return self._init(self.params, ctx, key)
+        return self._init(self.params, self.decoder_params, ctx, key)
 
     # ----------------------------------------------------------------------------------------------- one block
 
-    def _block(self, model, state: StreamState, ctx: StreamContext, audio, noise, dists, cond, trace: bool):
+    def _block(self, model, dec_params, state: StreamState, ctx: StreamContext, audio, noise, dists, cond,
+               trace: bool):
         cfg, mc = self.cfg, self.model_cfg
         g = state.block
         b, _, _, h, w = ctx.ref_latents.shape
@@ -160,7 +163,7 @@ class StreamEngine:
         out = {"latents": x}
         decoder = state.decoder
         if self.decoder is not None:
-            out["frames"], decoder = self.decoder.decode(decoder, x)
+            out["frames"], decoder = self.decoder.decode(dec_params, decoder, x)
         if trace:
             out["trace"] = aux
             out["dists"] = dists
@@ -168,22 +171,22 @@ class StreamEngine:
                                   block=g + 1, decoder=decoder)
         return new_state, out
 
-    def _step_impl(self, params, state, ctx, audio, noise, dists, cond, trace=False):
-        return self._block(self.merged(params), state, ctx, audio, noise, dists, cond, trace)
+    def _step_impl(self, params, state, dec_params, ctx, audio, noise, dists, cond, trace=False):
+        return self._block(self.merged(params), dec_params, state, ctx, audio, noise, dists, cond, trace)
 
     def step(self, state: StreamState, ctx: StreamContext, audio, *, noise=None, dists=None, cond=None,
              trace: bool = False):
         """One block (live use). audio [B, layers, C_a, 4 * frames_per_block]. The state is donated."""
-        return self._step(self.params, state, ctx, audio, noise, dists, cond, trace=trace)
+        return self._step(self.params, state, self.decoder_params, ctx, audio, noise, dists, cond, trace=trace)
 
     # ----------------------------------------------------------------------------------------------- a stream
 
-    def _run_impl(self, params, state, ctx, audio_blocks, noise, dists, cond, trace=False):
+    def _run_impl(self, params, state, dec_params, ctx, audio_blocks, noise, dists, cond, trace=False):
         model = self.merged(params)
 
         def body(state, xs):
             audio, nz, d, c = xs
-            return self._block(model, state, ctx, audio, nz, d, c, trace)
+            return self._block(model, dec_params, state, ctx, audio, nz, d, c, trace)
 
         return jax.lax.scan(body, state, (audio_blocks, noise, dists, cond))
 
@@ -191,7 +194,7 @@ class StreamEngine:
             trace: bool = False):
         """Many blocks in one jitted scan. audio_blocks [N, B, layers, C_a, 4F]; optional per-block noise
         [N, B, 16, F, h, w], rolling distances [N, steps] (to replay a reference) and pose latents."""
-        return self._run(self.params, state, ctx, audio_blocks, noise, dists, cond, trace=trace)
+        return self._run(self.params, state, self.decoder_params, ctx, audio_blocks, noise, dists, cond, trace=trace)
 
 
 def split_audio_blocks(audio_emb, frames_per_block: int = 3, start_block: int = 0, num_blocks: int | None = None):
