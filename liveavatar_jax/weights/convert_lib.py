@@ -254,14 +254,20 @@ def _check_wav2vec2(ckpt, out_dir: Path, files, config) -> str:
 
 
 def _check_vae(ckpt, out_dir: Path, files, config) -> str:
-    """The VAE rule module is looked up by the house-style names: VAE_RULES (or RULES), abstract_vae(config) and
-    a real-size config constant VAE_CONFIG / WAN21_VAE."""
+    """Against `models.vae.WanVAE` at the real Wan2.1 sizes (`WAN21_VAE`) with the rule table of `vae_keys`
+    (`VAE_RULES` or `RULES`; its `abstract_vae(config)` when it has one)."""
     keys = _import("liveavatar_jax.weights.vae_keys")
+    vae = _import("liveavatar_jax.models.vae")
+    from flax import nnx
+
+    config = config or vae.WAN21_VAE
     rules = _attr(keys, "VAE_RULES", "RULES")
-    build = _attr(keys, "abstract_vae")
-    config = config or _attr(keys, "VAE_CONFIG", "WAN21_VAE")
+    if hasattr(keys, "abstract_vae"):
+        abstract = keys.abstract_vae(config)
+    else:
+        abstract = nnx.eval_shape(lambda: vae.WanVAE(config, rngs=nnx.Rngs(0)))
     what = f"WanVAE({config})"
-    check_against_rules(ckpt, _params(build(config)), rules, what)
+    check_against_rules(ckpt, _params(abstract), rules, what)
     return what
 
 
