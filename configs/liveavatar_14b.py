@@ -27,7 +27,7 @@ def get_config():
     c.lora = dict(rank=128, alpha=64.0)
 
     # Wan2.1 VAE (architecture.md 6)
-    c.vae = dict(dim=96, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=2, temperal_downsample=(False, True, True))
+    c.vae = dict(dim=96, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=2, temporal_downsample=(False, True, True))
 
     # Streaming (architecture.md 3-5): 4 Euler steps per block of 3 latent frames, one clip of KV history.
     c.stream = dict(steps=4, shift=3.0, frames_per_block=3, ring_blocks=4, sink_replace_block=4,

@@ -22,7 +22,7 @@ def get_config():
                    freq_dim=256, eps=1e-6, patch_size=(1, 2, 2), cond_dim=16, audio_dim=32, audio_layers=25,
                    num_audio_token=4, audio_inject_layers=(0, 1), motion_frames=(73, 19),
                    zip_frame_buckets=(1, 2, 16), sink_position=30)
-    c.vae = dict(dim=8, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1, temperal_downsample=(False, True, True))
+    c.vae = dict(dim=8, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1, temporal_downsample=(False, True, True))
     # a 24-layer, 32-wide wav2vec2 gives the 25 hidden states the audio encoder mixes
     c.audio = dict(hidden_size=32, num_hidden_layers=24, num_attention_heads=2, intermediate_size=64,
                    conv_dim=(32, 32, 32, 32, 32, 32, 32), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
