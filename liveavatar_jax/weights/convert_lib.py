@@ -573,10 +573,9 @@ def convert(ckpt_dir, out_dir, lora=None, *, configs: dict | None = None, allow_
         manifest.data["components"][name] = result
         report.components[name] = result
     manifest.data["missing"] = list(plan.missing)
-    # Files a previous run recorded that this plan no longer produces would mislead a reader of the manifest.
-    planned = {u.out for u in plan.units}
-    for stale in [k for k in manifest.files if k not in planned]:
-        del manifest.files[stale]
+    # Files of an earlier run with other options (e.g. a LoRA) stay recorded while they exist; deleted ones go.
+    for gone in [k for k in manifest.files if not (out_dir / k).is_file()]:
+        del manifest.files[gone]
     manifest.data["complete"] = not plan.missing
     manifest.save()
     return report
