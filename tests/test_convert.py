@@ -278,3 +278,16 @@ def test_layout_and_missing_parts(tmp_path, configs):
         convert(root, root / BASE, progress=False)
     with pytest.raises(ConversionError, match="no such folder"):
         convert(tmp_path / "nowhere", tmp_path / "out2", progress=False)
+    # An unsharded DiT is one file without an index.
+    base = root / BASE
+    merged = {}
+    for shard in SHARDS:
+        merged.update(load_file(str(base / shard)))
+        (base / shard).unlink()
+    (base / "diffusion_pytorch_model.safetensors.index.json").unlink()
+    save_file(merged, str(base / "diffusion_pytorch_model.safetensors"))
+    dit_units = [u.out for u in plan_conversion(root).units if u.component == "dit"]
+    assert dit_units == ["diffusion_pytorch_model.safetensors", "config.json", "configuration.json"]
+    (base / "config.json").unlink()
+    with pytest.raises(ConversionError, match="has DiT weights but no config.json"):
+        plan_conversion(root)
