@@ -1,0 +1,87 @@
+"""Official key names of `Wan2.1_VAE.pth` (`WanVAE_.state_dict()`, 194 tensors) -> `models.vae.WanVAE`.
+
+The official encoder/decoder keep their blocks in `nn.Sequential`s (`downsamples`, `middle`, `upsamples`) whose
+indices we keep; inside a block the Sequential positions become names: `residual.0` -> `norm1`, `residual.2` ->
+`conv1`, `residual.3` -> `norm2`, `residual.6` -> `conv2`, `resample.1` -> `resample` (position 0 is the parameterless
+upsample or zero pad), `head.0` -> `head_norm`, `head.2` -> `head_conv`. RMS_norm gains lose their broadcast axes,
+1x1 Conv2d kernels of the attention block stay [1, 1, C_in, C_out].
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from liveavatar_jax.models.vae import VAEConfig, WanVAE
+from liveavatar_jax.weights.keymap import CONV2D, CONV3D, IDENTITY, Rule, load_params, merge_into
+from liveavatar_jax.weights.pth import open_weights
+
+
+def GAIN(w):
+    """RMS_norm gamma [C, 1, 1, 1] (or [C, 1, 1] for images) -> [C]."""
+    return np.reshape(w, w.shape[:1])
+
+
+def _conv3d(source: str, target: str) -> tuple[Rule, Rule]:
+    return Rule(f"{source}.weight", f"{target}.kernel", CONV3D), Rule(f"{source}.bias", f"{target}.bias", IDENTITY)
+
+
+def _conv2d(source: str, target: str) -> tuple[Rule, Rule]:
+    return Rule(f"{source}.weight", f"{target}.kernel", CONV2D), Rule(f"{source}.bias", f"{target}.bias", IDENTITY)
+
+
+def _block_rules(prefix: str) -> list[Rule]:
+    """Residual, attention and resample blocks of one official Sequential, e.g. `decoder.upsamples.{i}`."""
+    return [
+        Rule(f"{prefix}.residual.0.gamma", f"{prefix}.norm1.scale", GAIN),
+        *_conv3d(f"{prefix}.residual.2", f"{prefix}.conv1"),
+        Rule(f"{prefix}.residual.3.gamma", f"{prefix}.norm2.scale", GAIN),
+        *_conv3d(f"{prefix}.residual.6", f"{prefix}.conv2"),
+        *_conv3d(f"{prefix}.shortcut", f"{prefix}.shortcut"),
+        Rule(f"{prefix}.norm.gamma", f"{prefix}.norm.scale", GAIN),
+        *_conv2d(f"{prefix}.to_qkv", f"{prefix}.to_qkv"),
+        *_conv2d(f"{prefix}.proj", f"{prefix}.proj"),
+        *_conv2d(f"{prefix}.resample.1", f"{prefix}.resample"),
+        *_conv3d(f"{prefix}.time_conv", f"{prefix}.time_conv"),
+    ]
+
+
+def _coder_rules(part: str, blocks: str) -> list[Rule]:
+    return [
+        *_conv3d(f"{part}.conv1", f"{part}.conv1"),
+        *_block_rules(f"{part}.{blocks}.{{i}}"),
+        *_block_rules(f"{part}.middle.{{i}}"),
+        Rule(f"{part}.head.0.gamma", f"{part}.head_norm.scale", GAIN),
+        *_conv3d(f"{part}.head.2", f"{part}.head_conv"),
+    ]
+
+
+VAE_RULES = (
+    *_conv3d("conv1", "conv1"),
+    *_conv3d("conv2", "conv2"),
+    *_coder_rules("encoder", "downsamples"),
+    *_coder_rules("decoder", "upsamples"),
+)
+
+
+def abstract_vae(config: VAEConfig, dtype=jnp.float32) -> WanVAE:
+    """The VAE with shape-only parameters (nothing allocated)."""
+    return nnx.eval_shape(lambda: WanVAE(config, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def load_vae(path: str | os.PathLike, config: VAEConfig, dtype=jnp.float32) -> WanVAE:
+    """The VAE with the weights of `path`: the official `Wan2.1_VAE.pth` (read without torch) or a safetensors file.
+
+    Strict: a missing, unexpected or mis-shaped tensor raises `CheckpointError` naming the file.
+    """
+    graphdef, abstract_state = nnx.split(abstract_vae(config, dtype))
+    ckpt = open_weights(path)
+    try:
+        pure = load_params(abstract_state, ckpt, VAE_RULES, dtype=dtype)
+    finally:
+        if hasattr(ckpt, "close"):
+            ckpt.close()
+    return nnx.merge(graphdef, merge_into(abstract_state, pure))
