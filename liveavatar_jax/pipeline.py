@@ -97,10 +97,8 @@ class ByteTokenizer:
 class RandomPromptEncoder:
     """A randomly initialised umT5 with the byte tokenizer: the text path of the embedded tiny default."""
 
-    def __init__(self, config, seed: int, dtype):
-        from liveavatar_jax.models.umt5 import UMT5Encoder
-
-        model = UMT5Encoder(config, dtype=dtype, rngs=nnx.Rngs(seed))
+    def __init__(self, model):
+        config = model.config
         graphdef, state = nnx.split(model)
         self._fn = jax.jit(lambda state, ids, mask: nnx.merge(graphdef, state)(ids, mask))
         self._state = state
@@ -131,15 +129,20 @@ def build_models(config, ckpt_dir=None) -> Models:
     dit_cfg = DiTConfig(**_as_dict(config.model), dtype=config.dtype)
     vae_cfg = VAEConfig.from_config(_as_dict(config.vae))
     if ckpt_dir is None:
-        seed = int(config.get("weights_seed", 0))
-        from liveavatar_jax.models.dit import build
-        from liveavatar_jax.models.umt5 import UMT5Config
+        from liveavatar_jax.models.umt5 import UMT5Config, UMT5Encoder
+        from liveavatar_jax.weights.random_init import randomize
 
-        dit = build(dit_cfg, seed)
-        vae = VAE(WanVAE(vae_cfg, dtype=dtype, rngs=nnx.Rngs(seed + 1)))
-        w2v = Wav2Vec2ForCTC(Wav2Vec2Config.from_dict(_as_dict(config.audio)), dtype=dtype, ctc_head=False,
-                             rngs=nnx.Rngs(seed + 2))
-        text = RandomPromptEncoder(UMT5Config.from_config(_as_dict(config.text)), seed + 3, dtype)
+        seed = int(config.get("weights_seed", 0))
+
+        def random(factory, offset):
+            return randomize(nnx.eval_shape(lambda: factory(nnx.Rngs(0))), seed + offset)
+
+        dit = random(lambda r: CausalS2VDiT(dit_cfg, rngs=r), 0)
+        vae = VAE(random(lambda r: WanVAE(vae_cfg, dtype=dtype, rngs=r), 1))
+        w2v_cfg = Wav2Vec2Config.from_dict(_as_dict(config.audio))
+        w2v = random(lambda r: Wav2Vec2ForCTC(w2v_cfg, dtype=dtype, ctc_head=False, rngs=r), 2)
+        t5_cfg = UMT5Config.from_config(_as_dict(config.text))
+        text = RandomPromptEncoder(random(lambda r: UMT5Encoder(t5_cfg, dtype=dtype, rngs=r), 3))
         return Models(dit=dit, vae=vae, audio=Wav2Vec2Runner(w2v), text=text, random_weights=True)
 
     from liveavatar_jax.text import PromptEncoder
