@@ -48,13 +48,9 @@ def t5_config():
 @pytest.fixture(scope="module")
 def configs(t5_config):
     """The tiny fixture sizes the converted files are checked against (the DiT's come from its config.json)."""
-    out = {"t5": t5_config}
-    try:
-        from liveavatar_jax.models.vae import VAEConfig
-    except ImportError:  # the VAE model is not there: its component stays unverified
-        return out
-    out["vae"] = VAEConfig.from_kwargs(_manifest("vae")["constructor_kwargs"])
-    return out
+    from liveavatar_jax.models.vae import VAEConfig
+
+    return {"t5": t5_config, "vae": VAEConfig.from_kwargs(_manifest("vae")["constructor_kwargs"])}
 
 
 def build_official(root, *, evil_vae=False):
@@ -135,10 +131,8 @@ def test_outputs_and_manifest(converted):
     assert manifest["files"][T5_OUT]["tensors"] == 22 and manifest["files"][VAE_OUT]["tensors"] == 194
     assert manifest["files"][T5_OUT]["source"].endswith("models_t5_umt5-xxl-enc-bf16.pth")
     assert not list(out.rglob("*.pth")) and not list(out.rglob("*.bin")) and not list(out.rglob("*.msgpack"))
-    for name in ("t5", "dit", "wav2vec2", "tokenizer", "lora"):
+    for name in ("t5", "dit", "wav2vec2", "vae", "tokenizer", "lora"):
         assert manifest["components"][name]["verified"], (name, manifest["components"][name])
-    vae = manifest["components"]["vae"]
-    assert vae["verified"] or "vae_keys" in vae["reason"]
     for shard in SHARDS:  # copied byte for byte
         assert _sha256(out / shard) == _sha256(root / BASE / shard)
 
@@ -183,7 +177,7 @@ def test_converted_t5_reproduces_golden(converted, t5_config):
     assert rel_l2(context, outputs["context_trimmed"]) < 1e-2
 
 
-def test_converted_dit_and_wav2vec2_load_like_the_fixtures(converted):
+def test_converted_dit_vae_wav2vec2_load_like_the_fixtures(converted, configs):
     from flax import nnx
 
     from liveavatar_jax.models.dit import DiTConfig
@@ -204,6 +198,11 @@ def test_converted_dit_and_wav2vec2_load_like_the_fixtures(converted):
     w2v_config = Wav2Vec2Config.from_json(out / W2V)
     w2v_ref = nnx.state(load_wav2vec2(golden_dir("audio") / "weights.safetensors", w2v_config), nnx.Param)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), w2v_ours, w2v_ref))
+
+    from liveavatar_jax.weights.vae_keys import load_vae
+    vae_ours = nnx.state(load_vae(out / VAE_OUT, configs["vae"]), nnx.Param)
+    vae_ref = nnx.state(load_vae(golden_dir("vae") / "weights.safetensors", configs["vae"]), nnx.Param)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), vae_ours, vae_ref))
 
 
 def test_interrupted_conversion_resumes(tmp_path, configs, monkeypatch):
@@ -257,12 +256,17 @@ def test_forbidden_callable_stops_the_conversion(tmp_path, configs, capsys):
     assert not (root / "executed").exists()
 
 
-def test_cli_checks_the_real_model_sizes(converted, tmp_path, capsys):
-    """Without a config override, the tiny T5 is checked against umT5-XXL and fails, naming file and model."""
+def test_real_model_sizes_are_checked(converted, configs, tmp_path, capsys):
+    """Without config overrides the tiny files are checked against the real models and fail, naming file and model
+    (the VAE is checked first)."""
     root, _, _ = converted
-    assert convert_main(["--ckpt_dir", str(root / BASE), "--out", str(tmp_path / "out"), "--no_progress"]) == 1
+    out = tmp_path / "out"
+    assert convert_main(["--ckpt_dir", str(root / BASE), "--out", str(out), "--no_progress"]) == 1
     err = capsys.readouterr().err
-    assert T5_OUT in err and "does not match UMT5Encoder" in err and "wrong shape" in err
+    assert VAE_OUT in err and "does not match WanVAE" in err and "wrong shape" in err
+    with pytest.raises(CheckpointError, match=r"(?s)models_t5_umt5-xxl-enc-bf16\.safetensors: does not match "
+                                              r"UMT5Encoder.*wrong shape"):
+        convert(root, out, configs={"vae": configs["vae"]}, progress=False)
 
 
 def test_layout_and_missing_parts(tmp_path, configs):
