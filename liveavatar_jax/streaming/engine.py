@@ -95,6 +95,7 @@ class StreamEngine:
         self._step = jax.jit(self._step_impl, static_argnames=("trace",), donate_argnums=(1,))
         self._run = jax.jit(self._run_impl, static_argnames=("trace",), donate_argnums=(1,))
         self._init = jax.jit(self._init_impl)
+        self._replace_sink = jax.jit(self._replace_sink_impl, donate_argnums=(1,))
 
     def merged(self, params):
         return nnx.merge(self.graphdef, params)
@@ -123,7 +124,9 @@ class StreamEngine:
     # ----------------------------------------------------------------------------------------------- one block
 
     def _block(self, model, dec_params, state: StreamState, ctx: StreamContext, audio, noise, dists, cond,
-               trace: bool):
+               trace: bool, in_scan: bool):
+        """One block. In a scan the sink replacement is a `lax.cond`; the per-block step leaves it to the host
+        (`_replace_sink`), which keeps a second compiled prefill out of every step."""
         cfg, mc = self.cfg, self.model_cfg
         g = state.block
         b, _, _, h, w = ctx.ref_latents.shape
@@ -137,7 +140,7 @@ class StreamEngine:
             dists = jnp.full((cfg.steps,), -(2 ** 30), jnp.int32)
 
         sink = state.sink
-        if cfg.sink_replace_block is not None:
+        if in_scan and cfg.sink_replace_block is not None:
             sink = jax.lax.cond(
                 g == cfg.sink_replace_block,
                 lambda: model.sink_prefill(state.first_latent, ctx.motion_latents, ctx.text),
@@ -172,11 +175,17 @@ class StreamEngine:
         return new_state, out
 
     def _step_impl(self, params, state, dec_params, ctx, audio, noise, dists, cond, trace=False):
-        return self._block(self.merged(params), dec_params, state, ctx, audio, noise, dists, cond, trace)
+        return self._block(self.merged(params), dec_params, state, ctx, audio, noise, dists, cond, trace, False)
+
+    def _replace_sink_impl(self, params, state, ctx):
+        sink = self.merged(params).sink_prefill(state.first_latent, ctx.motion_latents, ctx.text)
+        return state.replace(sink=sink)
 
     def step(self, state: StreamState, ctx: StreamContext, audio, *, noise=None, dists=None, cond=None,
              trace: bool = False):
         """One block (live use). audio [B, layers, C_a, 4 * frames_per_block]. The state is donated."""
+        if self.cfg.sink_replace_block is not None and int(state.block) == self.cfg.sink_replace_block:
+            state = self._replace_sink(self.params, state, ctx)
         return self._step(self.params, state, self.decoder_params, ctx, audio, noise, dists, cond, trace=trace)
 
     # ----------------------------------------------------------------------------------------------- a stream
@@ -186,7 +195,7 @@ class StreamEngine:
 
         def body(state, xs):
             audio, nz, d, c = xs
-            return self._block(model, dec_params, state, ctx, audio, nz, d, c, trace)
+            return self._block(model, dec_params, state, ctx, audio, nz, d, c, trace, True)
 
         return jax.lax.scan(body, state, (audio_blocks, noise, dists, cond))
 
