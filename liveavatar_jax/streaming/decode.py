@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from liveavatar_jax.models.vae import VAE, DecodeCache, init_decode_cache
+from liveavatar_jax.models.vae import VAE, init_decode_cache
 
 
 def to_uint8(video):
@@ -27,17 +27,21 @@ class VAEStreamDecoder:
     def _model(self, params):
         return nnx.merge(self.graphdef, params)
 
-    def init(self, params, latents_shape) -> DecodeCache:
+    def init(self, params, latents_shape) -> dict:
+        """The empty per-conv feature cache (a pytree of [B, 2, h, w, C] arrays)."""
         b, _, _, h, w = latents_shape
-        return init_decode_cache(self.config, b, h, w, self.dtype)
+        return init_decode_cache(self.config, b, h, w, self.dtype).feats
 
-    def prime(self, params, cache: DecodeCache, motion_latents) -> DecodeCache:
-        """motion_latents [B, 16, T, h, w]: the first `prime_latents` warm the causal caches (output discarded)."""
+    def prime(self, params, feats: dict, motion_latents) -> dict:
+        """motion_latents [B, 16, T, h, w]: the first `prime_latents` start the stream (output discarded)."""
+        model = self._model(params)
         z = jnp.moveaxis(motion_latents[:, :, : self.prime_latents], 1, -1)
-        _, cache = self._model(params).stream_decode(z, cache)
-        return cache
+        _, feats = model.decode_first_latent(z[:, :1], feats)
+        if z.shape[1] > 1:
+            _, feats = model.decode_latents(z[:, 1:], feats)
+        return feats
 
-    def decode(self, params, cache: DecodeCache, latents):
-        """latents [B, 16, F, h, w] -> (uint8 frames [B, 4F, 8h, 8w, 3], cache)."""
-        video, cache = self._model(params).stream_decode(jnp.moveaxis(latents, 1, -1), cache)
-        return to_uint8(jnp.clip(video.astype(jnp.float32), -1.0, 1.0)), cache
+    def decode(self, params, feats: dict, latents):
+        """latents [B, 16, F, h, w] continuing the primed stream -> (uint8 frames [B, 4F, 8h, 8w, 3], feats)."""
+        video, feats = self._model(params).decode_latents(jnp.moveaxis(latents, 1, -1), feats)
+        return to_uint8(jnp.clip(video.astype(jnp.float32), -1.0, 1.0)), feats
