@@ -5,8 +5,9 @@
       [--tpp] [--cpu_devices N] [--profile DIR] [--config.key=value ...]
 
 Without --ckpt_dir the embedded default runs (configs/tiny.py: toy networks on the CPU; see its docstring for what
-its weights are). The video is written progressively to OUT.partial.mp4 and renamed to OUT.mp4 when complete; a
-JSON summary (time to first frame, steady frames per second, peak memory, blocks) is printed at the end.
+its weights are). The video is written progressively (OUT.partial.ts, playable after a crash or a kill) and OUT.mp4
+appears only when the stream is complete; a JSON summary (time to first frame, steady frames per second, peak
+memory, blocks) is printed at the end.
 Bad input exits with code 2 and a message naming the file, before any network is built.
 """
 

@@ -1,12 +1,13 @@
 """Writing the stream as an H.264 + AAC mp4, block by block, so that a kill never loses a finished block.
 
-While the stream runs, frames go to `<out stem>.partial.mp4`, a fragmented mp4 flushed to disk packet by packet
-(one fragment per frame, no encoder or muxer delay): a crash, SIGKILL or Ctrl-C leaves a playable file holding every
-block written so far, video and audio. Only when the stream is complete is the file closed and renamed to its final
-name, so a file under the final name is always complete.
-
-Audio is muxed one block ahead of the video: the muxer emits a packet only when a later one arrives, so writing the
-next block's audio after this block's frames pushes every frame of this block to disk.
+Two files grow side by side while the stream runs:
+  * `<out stem>.partial.ts`: MPEG-TS flushed to disk packet by packet, with no encoder delay (zero-latency x264, one
+    thread) and the audio written one block ahead so the muxer never holds a frame back. A crash, SIGKILL or Ctrl-C
+    leaves it playable, holding every block written so far, video and audio.
+  * a hidden `.<out name>.tmp.mp4`: a regular mp4 of the same frames and audio, finished and renamed to the final
+    name only when the stream is complete, so a file under the final name is always whole.
+MPEG-TS rather than a fragmented mp4 for the partial file because the mp4 muxer keeps the last packet of a fragment
+back until the next one arrives and mistimes fragments when audio and video interleave.
 """
 
 from __future__ import annotations
@@ -18,17 +19,50 @@ from pathlib import Path
 import av
 import numpy as np
 
-_FRAGMENTED = {"movflags": "frag_every_frame+empty_moov+default_base_moof", "flush_packets": "1",
-               "max_interleave_delta": "1"}
-
 
 def partial_path(path) -> Path:
     path = Path(path)
-    return path.with_name(path.stem + ".partial" + (path.suffix or ".mp4"))
+    return path.with_name(path.stem + ".partial.ts")
+
+
+class _Encoder:
+    """One container with an H.264 video stream and an optional AAC mono audio stream."""
+
+    def __init__(self, path: Path, fmt: str, options: dict, width: int, height: int, fps: int,
+                 sample_rate: int | None, gop: int, crf: int):
+        self.container = av.open(str(path), "w", format=fmt, options=options)
+        self.video = self.container.add_stream(
+            "libx264", rate=fps, options={"tune": "zerolatency", "preset": "veryfast", "crf": str(crf), "g": str(gop)})
+        self.video.width, self.video.height, self.video.pix_fmt = width, height, "yuv420p"
+        self.video.thread_count = 1          # frame threads would hold frames back
+        self.audio = None
+        if sample_rate is not None:
+            self.audio = self.container.add_stream("aac", rate=sample_rate)
+            self.audio.layout = "mono"
+        self.fps, self.sample_rate = fps, sample_rate
+
+    def frame(self, img: np.ndarray, index: int):
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+        frame.pts, frame.time_base = index, Fraction(1, self.fps)
+        for packet in self.video.encode(frame):
+            self.container.mux(packet)
+
+    def samples(self, chunk: np.ndarray, start: int):
+        frame = av.AudioFrame.from_ndarray(chunk[None], format="fltp", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = self.sample_rate, start, Fraction(1, self.sample_rate)
+        for packet in self.audio.encode(frame):
+            self.container.mux(packet)
+
+    def finish(self):
+        for stream in (self.audio, self.video):
+            if stream is not None:
+                for packet in stream.encode(None):
+                    self.container.mux(packet)
+        self.container.close()
 
 
 class StreamingMP4Writer:
-    """Progressive mp4 writer: `write(frames)` per block, `close()` to finish, `abort()` to leave the partial file.
+    """`write(frames)` per block, `close()` to publish the finished mp4, `abort()` to keep only the partial file.
 
     frames: uint8 [n, H, W, 3]. audio: float32 mono samples at `sample_rate` (the whole track, known up front), or
     None for a silent video. With `total_frames` (the planned length) the audio track ends with the video; before
@@ -40,22 +74,21 @@ class StreamingMP4Writer:
                  total_frames: int | None = None):
         self.path = Path(path)
         self.partial = partial_path(self.path)
+        self.tmp = self.path.with_name("." + self.path.name + ".tmp.mp4")
         self.fps, self.sample_rate = fps, sample_rate
         self.audio = None if audio is None else np.asarray(audio, np.float32).reshape(-1)
+        rate = None if self.audio is None else sample_rate
+        self._live = _Encoder(self.partial, "mpegts", {"flush_packets": "1", "max_interleave_delta": "1"},
+                              width, height, fps, rate, frames_per_block, crf)
+        self._final = _Encoder(self.tmp, "mp4", {"movflags": "faststart"}, width, height, fps, rate,
+                               frames_per_block, crf)
         self.frames_written = 0
         self._audio_pos = 0
-        self._container = av.open(str(self.partial), "w", format="mp4", options=dict(_FRAGMENTED))
-        self._video = self._container.add_stream(
-            "libx264", rate=fps,
-            options={"tune": "zerolatency", "preset": "veryfast", "crf": str(crf), "g": str(frames_per_block)})
-        self._video.width, self._video.height, self._video.pix_fmt = width, height, "yuv420p"
-        self._video.thread_count = 1          # frame threads would hold frames back
-        self._audio = None
-        if self.audio is not None:
-            self._audio = self._container.add_stream("aac", rate=sample_rate)
-            self._audio.layout = "mono"
         self._block = frames_per_block
         self._audio_end = None if total_frames is None else self._samples_at(total_frames)
+
+    def _samples_at(self, frame_index: int) -> int:
+        return frame_index * self.sample_rate // self.fps
 
     def _feed_audio(self, upto: int):
         if self._audio_end is not None:
@@ -64,66 +97,64 @@ class StreamingMP4Writer:
             n = min(1024, upto - self._audio_pos)
             chunk = self.audio[self._audio_pos:self._audio_pos + n]
             chunk = np.pad(chunk, (0, n - len(chunk)))
-            frame = av.AudioFrame.from_ndarray(chunk[None], format="fltp", layout="mono")
-            frame.sample_rate, frame.pts = self.sample_rate, self._audio_pos
-            frame.time_base = Fraction(1, self.sample_rate)
-            for packet in self._audio.encode(frame):
-                self._container.mux(packet)
+            for enc in (self._live, self._final):
+                enc.samples(chunk, self._audio_pos)
             self._audio_pos += n
-
-    def _samples_at(self, frame_index: int) -> int:
-        return frame_index * self.sample_rate // self.fps
 
     def write(self, frames: np.ndarray) -> None:
         frames = np.asarray(frames)
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
             raise ValueError(f"frames must be uint8 [n, H, W, 3], got {frames.dtype} {frames.shape}")
         for img in frames:
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
-            frame.pts = self.frames_written
-            frame.time_base = Fraction(1, self.fps)
-            for packet in self._video.encode(frame):
-                self._container.mux(packet)
+            for enc in (self._live, self._final):
+                enc.frame(img, self.frames_written)
             self.frames_written += 1
-        if self._audio is not None:
+        if self.audio is not None:
             self._feed_audio(self._samples_at(self.frames_written + self._block))
 
     def close(self) -> Path:
-        """Finishes the stream: flushes the encoders, closes the file and renames it to the final name."""
-        if self._audio is not None:
+        """Finishes both files, publishes the mp4 under its final name and removes the partial file."""
+        if self.audio is not None:
             self._feed_audio(self._samples_at(self.frames_written))
-            for packet in self._audio.encode(None):
-                self._container.mux(packet)
-        for packet in self._video.encode(None):
-            self._container.mux(packet)
-        self._container.close()
-        os.replace(self.partial, self.path)
+        self._live.finish()
+        self._final.finish()
+        os.replace(self.tmp, self.path)
+        self.partial.unlink()
         return self.path
 
     def abort(self) -> Path:
-        """Closes the partial file as it is (e.g. on Ctrl-C): it stays playable under its .partial name."""
-        try:
-            self._container.close()
-        except Exception:  # the container may be mid-packet; what is on disk is already playable
-            pass
+        """Stops writing (e.g. on Ctrl-C): the partial file stays playable; the unfinished mp4 is removed."""
+        for enc in (self._live, self._final):
+            try:
+                enc.container.close()
+            except Exception:  # mid-packet; what is on disk of the partial file is already playable
+                pass
+        self.tmp.unlink(missing_ok=True)
         return self.partial
 
 
 def probe(path) -> dict:
-    """Frame count, fps and durations of an mp4 (for tests and summaries)."""
+    """Frame count, nominal fps, durations and size of a video file.
+
+    `audio_s` runs from the first video frame to the end of the last audio packet, so the encoder's priming
+    samples before the video starts (which players skip) do not count.
+    """
+    info = {"video_frames": 0, "fps": None, "video_s": 0.0, "audio_s": 0.0, "has_audio": False}
     with av.open(str(path)) as c:
-        info = {"video_frames": 0, "fps": None, "video_s": 0.0, "audio_s": 0.0, "has_audio": False}
         vs = c.streams.video[0]
-        info["fps"] = float(vs.base_rate or vs.guessed_rate)   # the nominal rate (fragmented files lack a total)
-        info["video_frames"] = sum(1 for p in c.demux(vs) if p.size)
+        info["fps"] = float(vs.base_rate or vs.guessed_rate)
+        pts = [p.pts for p in c.demux(vs) if p.size and p.pts is not None]
+        info["video_frames"] = len(pts)
+        video_start = float(min(pts) * vs.time_base) if pts else 0.0
         info["width"], info["height"] = vs.codec_context.width, vs.codec_context.height
     with av.open(str(path)) as c:
         if c.streams.audio:
             a = c.streams.audio[0]
             info["has_audio"] = True
-            spans = [(p.pts, p.pts + (p.duration or 0)) for p in c.demux(a) if p.size and p.pts is not None]
-            if spans:
-                info["audio_s"] = float((max(e for _, e in spans) - min(s for s, _ in spans)) * a.time_base)
+            # MPEG-TS writes the priming packet's negative time wrapped around 2**33: leave it out
+            ends = [p.pts + (p.duration or 0) for p in c.demux(a) if p.size and p.pts is not None and p.pts < 2**32]
+            if ends:
+                info["audio_s"] = float(max(ends) * a.time_base) - video_start
     if info["fps"]:
         info["video_s"] = info["video_frames"] / info["fps"]
     return info
