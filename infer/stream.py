@@ -130,6 +130,12 @@ def main(argv=None) -> int:
     import numpy as np
     from tqdm import tqdm
 
+    # Compiled programs are cached on disk, so a second stream of the same shapes starts without compiling.
+    cache_dir = os.environ.get("LIVEAVATAR_JAX_CACHE", str(Path.home() / ".cache" / "liveavatar-jax" / "xla"))
+    if cache_dir:
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
     from liveavatar_jax.io.video import StreamingMP4Writer
     from liveavatar_jax.pipeline import Pipeline
 
