@@ -24,12 +24,18 @@ def _stream_call(manifest) -> dict:
     raise KeyError("the manifest has no stream_decode call")
 
 
-def run(fixture) -> dict[str, np.ndarray]:
-    manifest = fixture.manifest
+def config_from_manifest(manifest: dict) -> VAEConfig:
+    """The constructor kwargs, with the manifest's latent statistics when it records them."""
     config = VAEConfig.from_kwargs(manifest["constructor_kwargs"])
     stats = manifest.get("latent_normalization")
     if stats:
         config = dataclasses.replace(config, latents_mean=tuple(stats["mean"]), latents_std=tuple(stats["std"]))
+    return config
+
+
+def run(fixture) -> dict[str, np.ndarray]:
+    manifest = fixture.manifest
+    config = config_from_manifest(manifest)
     vae = vae_lib.VAE(load_vae(fixture.weights_path, config, dtype=jnp.float32))
     inputs = fixture.inputs
     out: dict[str, np.ndarray] = {

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 from jax import lax
 
@@ -60,8 +61,13 @@ class VAEConfig:
     temporal_downsample: tuple[bool, ...] = (False, True, True)
     latents_mean: tuple[float, ...] = WAN21_LATENTS_MEAN
     latents_std: tuple[float, ...] = WAN21_LATENTS_STD
+    # Not architecture: the largest Winograd tile F(m, 3) the causal convs may use along time (4, 2, or 1 = direct).
+    # Below float32 it is capped at 2, whose transforms are exact in any dtype.
+    winograd_time_tile: int = 4
 
     def __post_init__(self):
+        if self.winograd_time_tile not in (1, 2, 4):
+            raise ValueError(f"winograd_time_tile must be 1, 2 or 4, got {self.winograd_time_tile}")
         if len(self.temporal_downsample) != len(self.dim_mult) - 1:
             raise ValueError(f"temporal_downsample needs {len(self.dim_mult) - 1} entries (one per resolution "
                              f"change), got {len(self.temporal_downsample)}")
@@ -124,11 +130,48 @@ def _fold_time(xs: jax.Array, taps: int, stride: int) -> jax.Array:
     return frames[0] if taps == 1 else jnp.concatenate(frames, axis=-1)
 
 
-def _conv2d(x: jax.Array, kernel: jax.Array, padding, stride: int = 1) -> jax.Array:
+def _conv2d(x: jax.Array, kernel: jax.Array, padding, stride: int = 1, out_dtype=None) -> jax.Array:
     """x [N, H, W, C] * kernel [kh, kw, C, O]; 1x1 kernels as a matmul (XLA's 1x1 convolution is slower)."""
     if kernel.shape[:2] == (1, 1) and stride == 1:
-        return jnp.einsum("nhwc,co->nhwo", x, kernel[0, 0])
-    return lax.conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=_CONV_DIMS)
+        return jnp.einsum("nhwc,co->nhwo", x, kernel[0, 0], preferred_element_type=out_dtype)
+    return lax.conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=_CONV_DIMS,
+                                    preferred_element_type=out_dtype)
+
+
+# Winograd F(m, 3) for the cross-correlation y[t] = sum_k g[k] x[t+k] (Lavin & Gray 2016): m outputs from m + 2
+# inputs with m + 2 products instead of 3m. Along time each "product" is a whole 2-D convolution of a transformed
+# frame with a transformed kernel, so a chunk of 4 frames costs 6 frame convolutions instead of 12.
+_WINOGRAD_TIME = {
+    2: ((( 1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),                      # B^T (inputs)
+        ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1)),                          # G (kernel)
+        ((1, 1, 1, 0), (0, 1, -1, -1))),                                                    # A^T (outputs)
+    4: (((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+         (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+        ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+         (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+        ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))),
+}
+
+
+def _combine(coefficients, arrays):
+    """sum_i c_i * a_i over the non-zero coefficients, without multiplying by +-1."""
+    out = None
+    for c, a in zip(coefficients, arrays):
+        if c == 0:
+            continue
+        if out is None:
+            out = a if c == 1 else a * c
+        elif c == 1:
+            out = out + a
+        elif c == -1:
+            out = out - a
+        else:
+            out = out + a * c
+    return out
+
+
+def _time_tile(config: VAEConfig, dtype) -> int:
+    return config.winograd_time_tile if jnp.dtype(dtype) == jnp.float32 else min(config.winograd_time_tile, 2)
 
 
 def _per_frame(fn, x: jax.Array) -> jax.Array:
@@ -144,8 +187,10 @@ class CausalConv3d(nnx.Module):
     and returns the frames that precede the next chunk; the time-strided downsampling conv is driven by `Resample`.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, kernel: Sequence[int], *, dtype, rngs: nnx.Rngs):
+    def __init__(self, in_dim: int, out_dim: int, kernel: Sequence[int], *, dtype, rngs: nnx.Rngs,
+                 time_tile: int = 4):
         kt, kh, kw = kernel
+        self.time_tile = time_tile
         fan_in = in_dim * kt * kh * kw
         self.kernel = nnx.Param(_torch_default_init(rngs.params(), (kt, kh, kw, in_dim, out_dim), dtype, fan_in))
         self.bias = nnx.Param(jnp.zeros((out_dim,), dtype))
@@ -156,11 +201,38 @@ class CausalConv3d(nnx.Module):
 
     def _apply(self, xs: jax.Array, stride: int = 1) -> jax.Array:
         kt, kh, kw, ci, co = self.kernel.shape
+        t_out = (xs.shape[1] - kt) // stride + 1
+        if kt == 3 and stride == 1:
+            for m in (4, 2):
+                if m <= self.time_tile and t_out % m == 0:
+                    return self._apply_winograd(xs, m)
         folded = _fold_time(xs, kt, stride)
         # Time taps outermost in the folded channels, matching the concatenation order of `_fold_time`.
         kernel = jnp.transpose(self.kernel[...], (1, 2, 0, 3, 4)).reshape(kh, kw, kt * ci, co)
         pad = ((kh // 2, kh // 2), (kw // 2, kw // 2))
         return _per_frame(lambda f: _conv2d(f, kernel, pad), folded) + self.bias[...]
+
+    def _apply_winograd(self, xs: jax.Array, m: int) -> jax.Array:
+        """The stride-1 3-tap conv over xs [B, T+2, H, W, C] as Winograd F(m, 3) tiles along time (m divides T).
+
+        Transforms run in float32 (exact for m = 2); the frame convolutions in the activation dtype.
+        """
+        b_t, g_t, a_t = _WINOGRAD_TIME[m]
+        _, kh, kw, _, co = self.kernel.shape
+        b, t2, h, w, _ = xs.shape
+        tiles = (t2 - 2) // m
+        taps = [lax.slice_in_dim(xs, i, i + m * (tiles - 1) + 1, m, axis=1).astype(jnp.float32) for i in range(m + 2)]
+        kernel = self.kernel[...].astype(jnp.float32)
+        g = [kernel[k] for k in range(3)]
+        pad = ((kh // 2, kh // 2), (kw // 2, kw // 2))
+        products = []
+        for row_b, row_g in zip(b_t, g_t):
+            v = _combine(row_b, taps).astype(xs.dtype)
+            u = _combine(row_g, g).astype(xs.dtype)
+            products.append(_per_frame(lambda f, u=u: _conv2d(f, u, pad, out_dtype=jnp.float32), v))
+        ys = [_combine(row_a, products) for row_a in a_t]  # each [B, tiles, H, W, O]: frame r of every tile
+        y = jnp.stack(ys, axis=2).reshape(b, tiles * m, h, w, co)
+        return y.astype(xs.dtype) + self.bias[...]
 
     def __call__(self, x: jax.Array, cache: jax.Array | None = None):
         """x [B, T, H, W, C] -> (y [B, T, H, W, O], new cache or None for a 1-tap conv)."""
@@ -200,11 +272,11 @@ class RMSNorm(nnx.Module):
 class ResidualBlock(nnx.Module):
     """RMS_norm -> SiLU -> CausalConv3d 3^3 -> RMS_norm -> SiLU -> (dropout) -> CausalConv3d 3^3, plus a shortcut."""
 
-    def __init__(self, in_dim: int, out_dim: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, in_dim: int, out_dim: int, *, dtype, rngs: nnx.Rngs, time_tile: int = 4):
         self.norm1 = RMSNorm(in_dim, dtype=dtype)
-        self.conv1 = CausalConv3d(in_dim, out_dim, (3, 3, 3), dtype=dtype, rngs=rngs)
+        self.conv1 = CausalConv3d(in_dim, out_dim, (3, 3, 3), dtype=dtype, rngs=rngs, time_tile=time_tile)
         self.norm2 = RMSNorm(out_dim, dtype=dtype)
-        self.conv2 = CausalConv3d(out_dim, out_dim, (3, 3, 3), dtype=dtype, rngs=rngs)
+        self.conv2 = CausalConv3d(out_dim, out_dim, (3, 3, 3), dtype=dtype, rngs=rngs, time_tile=time_tile)
         self.shortcut = (CausalConv3d(in_dim, out_dim, (1, 1, 1), dtype=dtype, rngs=rngs)
                          if in_dim != out_dim else None)
 
@@ -272,14 +344,14 @@ class Resample(nnx.Module):
     chunk, this chunk]; the first chunk passes through unchanged.
     """
 
-    def __init__(self, dim: int, mode: str, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, dim: int, mode: str, *, dtype, rngs: nnx.Rngs, time_tile: int = 4):
         if mode not in ("upsample2d", "upsample3d", "downsample2d", "downsample3d"):
             raise ValueError(f"unknown Resample mode {mode!r}")
         self.mode = mode
         up = mode.startswith("up")
         self.resample = Conv2d(dim, dim // 2 if up else dim, 3, dtype=dtype, rngs=rngs)
         if mode == "upsample3d":
-            self.time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1), dtype=dtype, rngs=rngs)
+            self.time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1), dtype=dtype, rngs=rngs, time_tile=time_tile)
         elif mode == "downsample3d":
             self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), dtype=dtype, rngs=rngs)
         else:
@@ -329,25 +401,26 @@ def _init_block_caches(blocks, batch, h, w, dtype):
 
 class Encoder3d(nnx.Module):
     def __init__(self, c: VAEConfig, *, dtype, rngs: nnx.Rngs):
+        tile = _time_tile(c, dtype)
         dims = [c.dim * u for u in (1,) + tuple(c.dim_mult)]
-        self.conv1 = CausalConv3d(3, dims[0], (3, 3, 3), dtype=dtype, rngs=rngs)
+        self.conv1 = CausalConv3d(3, dims[0], (3, 3, 3), dtype=dtype, rngs=rngs, time_tile=tile)
         blocks, scale = [], 1.0
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
             for _ in range(c.num_res_blocks):
-                blocks.append(ResidualBlock(in_dim, out_dim, dtype=dtype, rngs=rngs))
+                blocks.append(ResidualBlock(in_dim, out_dim, dtype=dtype, rngs=rngs, time_tile=tile))
                 if scale in c.attn_scales:
                     blocks.append(AttentionBlock(out_dim, dtype=dtype, rngs=rngs))
                 in_dim = out_dim
             if i != len(c.dim_mult) - 1:
                 mode = "downsample3d" if c.temporal_downsample[i] else "downsample2d"
-                blocks.append(Resample(out_dim, mode, dtype=dtype, rngs=rngs))
+                blocks.append(Resample(out_dim, mode, dtype=dtype, rngs=rngs, time_tile=tile))
                 scale /= 2.0
         self.downsamples = nnx.List(blocks)
-        self.middle = nnx.List([ResidualBlock(out_dim, out_dim, dtype=dtype, rngs=rngs),
+        self.middle = nnx.List([ResidualBlock(out_dim, out_dim, dtype=dtype, rngs=rngs, time_tile=tile),
                                 AttentionBlock(out_dim, dtype=dtype, rngs=rngs),
-                                ResidualBlock(out_dim, out_dim, dtype=dtype, rngs=rngs)])
+                                ResidualBlock(out_dim, out_dim, dtype=dtype, rngs=rngs, time_tile=tile)])
         self.head_norm = RMSNorm(out_dim, dtype=dtype)
-        self.head_conv = CausalConv3d(out_dim, 2 * c.z_dim, (3, 3, 3), dtype=dtype, rngs=rngs)
+        self.head_conv = CausalConv3d(out_dim, 2 * c.z_dim, (3, 3, 3), dtype=dtype, rngs=rngs, time_tile=tile)
 
     def __call__(self, x, cache: dict, first: bool):
         x, conv1 = self.conv1(x, cache["conv1"])
@@ -366,30 +439,31 @@ class Encoder3d(nnx.Module):
 
 class Decoder3d(nnx.Module):
     def __init__(self, c: VAEConfig, *, dtype, rngs: nnx.Rngs):
+        tile = _time_tile(c, dtype)
         mult = tuple(c.dim_mult)
         dims = [c.dim * u for u in (mult[-1],) + mult[::-1]]
         temporal_upsample = tuple(c.temporal_downsample)[::-1]
         scale = 1.0 / 2 ** (len(mult) - 2)
-        self.conv1 = CausalConv3d(c.z_dim, dims[0], (3, 3, 3), dtype=dtype, rngs=rngs)
-        self.middle = nnx.List([ResidualBlock(dims[0], dims[0], dtype=dtype, rngs=rngs),
+        self.conv1 = CausalConv3d(c.z_dim, dims[0], (3, 3, 3), dtype=dtype, rngs=rngs, time_tile=tile)
+        self.middle = nnx.List([ResidualBlock(dims[0], dims[0], dtype=dtype, rngs=rngs, time_tile=tile),
                                 AttentionBlock(dims[0], dtype=dtype, rngs=rngs),
-                                ResidualBlock(dims[0], dims[0], dtype=dtype, rngs=rngs)])
+                                ResidualBlock(dims[0], dims[0], dtype=dtype, rngs=rngs, time_tile=tile)])
         blocks = []
         for i, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
             if i > 0:
                 in_dim //= 2  # every upsampling conv halves the channels
             for _ in range(c.num_res_blocks + 1):
-                blocks.append(ResidualBlock(in_dim, out_dim, dtype=dtype, rngs=rngs))
+                blocks.append(ResidualBlock(in_dim, out_dim, dtype=dtype, rngs=rngs, time_tile=tile))
                 if scale in c.attn_scales:
                     blocks.append(AttentionBlock(out_dim, dtype=dtype, rngs=rngs))
                 in_dim = out_dim
             if i != len(mult) - 1:
                 mode = "upsample3d" if temporal_upsample[i] else "upsample2d"
-                blocks.append(Resample(out_dim, mode, dtype=dtype, rngs=rngs))
+                blocks.append(Resample(out_dim, mode, dtype=dtype, rngs=rngs, time_tile=tile))
                 scale *= 2.0
         self.upsamples = nnx.List(blocks)
         self.head_norm = RMSNorm(out_dim, dtype=dtype)
-        self.head_conv = CausalConv3d(out_dim, 3, (3, 3, 3), dtype=dtype, rngs=rngs)
+        self.head_conv = CausalConv3d(out_dim, 3, (3, 3, 3), dtype=dtype, rngs=rngs, time_tile=tile)
 
     def __call__(self, x, cache: dict, first: bool):
         """One latent frame x [B, 1, h, w, z] -> video frames [B, 1 if first else 4, H, W, 3] and the new cache."""
@@ -465,6 +539,26 @@ class WanVAE(nnx.Module):
         # The official wrapper passes 1/std and divides by it: z / (1/std) + mean.
         z = (latents.astype(jnp.float32) / inv_std + mean).astype(self.conv2.kernel.dtype)
         return self.conv2(z)[0]
+
+
+def random_vae(config: VAEConfig, seed: int = 0, dtype=jnp.float32) -> WanVAE:
+    """A WanVAE with PyTorch-default-like random weights (U(+-1/sqrt(fan_in)) kernels, zero biases, unit gains),
+    drawn on the host with numpy: building with `nnx.Rngs` draws every tensor eagerly and compiles a sampler per
+    distinct shape, which takes minutes for the real model on a small CPU."""
+    rng = np.random.default_rng(seed)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: WanVAE(config, dtype=dtype, rngs=nnx.Rngs(0))))
+
+    def draw(path, leaf):
+        name = getattr(path[-1], "key", path[-1])
+        if name == "scale":
+            return jnp.ones(leaf.shape, leaf.dtype)
+        if name == "bias":
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        bound = 1.0 / math.sqrt(math.prod(leaf.shape[:-1]))  # every axis but the output channels is fan-in
+        return jnp.asarray(rng.uniform(-bound, bound, leaf.shape).astype(np.float32), leaf.dtype)
+
+    nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(draw, nnx.to_pure_dict(state)))
+    return nnx.merge(graphdef, state)
 
 
 @struct.dataclass
