@@ -1,10 +1,13 @@
 """The Wan2.1 video VAE (architecture.md section 6) in Flax NNX, with a streaming decoder whose cache is a pytree.
 
-Layout. Inside, every activation is channels-last, `[B, T, H, W, C]`, so that each causal 3x3x3 convolution becomes
-one 2-D convolution over `B*T` frames whose input channels hold the three time taps side by side (`[t-2 | t-1 | t]`,
-`3C` channels): the fastest form XLA has for it on CPU and on GPU. At the API (`encode`, `decode`, `stream_decode`,
-`VAE`) videos and latents use the official layout: `[C, T, H, W]`, or `[B, C, T, H, W]` with a batch axis; videos
-are in [-1, 1]; latents are the normalised ones the DiT sees, `(mu - mean) / std` with the 16 official constants.
+Layout. Inside, every activation is channels-last, `[B, T, H, W, C]`, and a causal 3x3x3 convolution is a few 2-D
+convolutions over frames. On chunks of 4 or 2 frames (every latent after a stream's first, at the resolutions where
+nearly all the work is) it runs as Winograd F(4,3) / F(2,3) along time: 6 frame convolutions for 4 output frames
+instead of 12. On single frames the three time taps are stacked along channels into one 2-D convolution. A nearest 2x
+upsampling followed by a 3x3 convolution is computed at the low resolution as four 2x2 phase convolutions. At the
+API (`encode`, `decode`, `stream_decode`, `VAE`) videos and latents use the official layout: `[C, T, H, W]`, or
+`[B, C, T, H, W]` with a batch axis; videos are in [-1, 1]; latents are the normalised ones the DiT sees,
+`(mu - mean) / std` with the 16 official constants.
 
 Causality. A causal convolution sees its input stream left-padded with two zero frames. Carrying the last two input
 frames of every such convolution from one call to the next (`DecodeCache`, zeros at the start of a stream) makes
@@ -14,22 +17,24 @@ on. The official code grows its cache from `None` to one frame to two; zeros are
 The first latent frame of a stream is special in the official decoder: the two `upsample3d` blocks mark their cache
 `'Rep'` and skip their time convolution, so that latent becomes 1 video frame instead of 4, and the next latent
 meets a zero-padded time convolution. Here that is the static flag `DecodeCache.started`: a stream's first call
-decodes latent 0 through that path and the rest with a `lax.scan` over latent frames; every later call is the same
-scan only, so a jitted block decode compiles once for the stream's first call and once for all the calls after it.
+decodes latent 0 with a jitted program of its own, then the other latents with a second one, a `lax.scan` over
+latent frames whose carry is the cache; later calls run the scan only. Both have static shapes, so in the TPP
+pattern (7 priming latents, then blocks of 3) the block decode compiles on the first block and never again.
 The encoder mirrors this: frame 0 alone (its `downsample3d` blocks pass it through and keep it as their cache), then
 a scan over chunks of 4 frames.
 
-Precision: RMS norms and the attention softmax in float32, convolutions in `dtype` (bfloat16 on accelerators, as
-LiveAvatar runs the VAE; float32 for parity).
+Precision: RMS norms, the attention softmax and the Winograd transforms in float32, convolutions in `dtype`
+(bfloat16 on accelerators, as LiveAvatar runs the VAE; float32 for parity). Below float32 the time tiles are capped
+at F(2,3), whose transforms only add and halve.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from functools import partial
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -142,7 +147,7 @@ def _conv2d(x: jax.Array, kernel: jax.Array, padding, stride: int = 1, out_dtype
 # inputs with m + 2 products instead of 3m. Along time each "product" is a whole 2-D convolution of a transformed
 # frame with a transformed kernel, so a chunk of 4 frames costs 6 frame convolutions instead of 12.
 _WINOGRAD_TIME = {
-    2: ((( 1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),                      # B^T (inputs)
+    2: (((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),                       # B^T (inputs)
         ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1)),                          # G (kernel)
         ((1, 1, 1, 0), (0, 1, -1, -1))),                                                    # A^T (outputs)
     4: (((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
@@ -320,7 +325,7 @@ def _upsample2x_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     Output pixel (2i+a, 2j+b) only sees input rows i-1..i (a=0) or i..i+1 (a=1), and the same for columns, so each of
     the four phases is a 2x2 convolution with summed taps: 16 instead of 36 multiply-adds per input pixel.
     """
-    k = kernel
+    k = kernel.astype(jnp.float32)  # the summed taps are rounded once, to the activation dtype
 
     def phase_taps(k, axis):
         k0, k1, k2 = (lax.index_in_dim(k, i, axis, keepdims=False) for i in range(3))
@@ -328,7 +333,7 @@ def _upsample2x_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
     rows = []
     for k_row, pad_row in phase_taps(k, 0):
-        cols = [_conv2d(x, k_rc, (pad_row, pad_col)) for k_rc, pad_col in phase_taps(k_row, 1)]
+        cols = [_conv2d(x, k_rc.astype(x.dtype), (pad_row, pad_col)) for k_rc, pad_col in phase_taps(k_row, 1)]
         n, h, w, o = cols[0].shape
         rows.append(jnp.stack(cols, axis=3).reshape(n, h, 2 * w, o))
     n, h, w2, o = rows[0].shape
