@@ -1,0 +1,200 @@
+"""Stage 2 (Self-Forcing DMD with History Corrupt) at the tiny config, on 4 simulated devices (FSDP-sharded state).
+
+The trainer's jitted programs are compiled once for the module (and cached on disk for test_train_resume.py, which
+runs the same config in subprocesses).
+"""
+
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import distill_tiny
+from liveavatar_jax.data.format import ExampleSpec
+from liveavatar_jax.data.preprocess import write_random_dataset
+from liveavatar_jax.distill import lora as lora_lib
+from liveavatar_jax.distill import steps
+from liveavatar_jax.distill.rollout import make_plan, rollout
+from liveavatar_jax.distill.trainer import DistillTrainer
+from liveavatar_jax.models.dit import DiTConfig, abstract_model
+
+XLA_CACHE = Path(tempfile.gettempdir()) / "liveavatar_jax_test_xla_cache"
+
+
+def tiny_config(data_path, **overrides):
+    """The Stage-2 config the distillation tests share (test_train_resume.py uses the same one)."""
+    c = distill_tiny.get_config()
+    c.data.path = str(data_path)
+    c.data.batch_size = 4
+    c.mesh.fsdp = 4
+    c.compilation_cache = str(XLA_CACHE)
+    c.total_steps = 6
+    c.checkpoint_every = 2
+    for k, v in overrides.items():
+        node = c
+        *head, last = k.split(".")
+        for h in head:
+            node = node[h]
+        node[last] = v
+    return c
+
+
+def write_dataset(root):
+    c = distill_tiny.get_config()
+    return write_random_dataset(root, ExampleSpec.from_dict(c.data.spec), count=12, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    data = tmp_path_factory.mktemp("distill_data")
+    write_dataset(data)
+    return DistillTrainer(tiny_config(data), tmp_path_factory.mktemp("distill_run"))
+
+
+@pytest.fixture(scope="module")
+def batch(trainer):
+    return trainer.next_batch()[0]
+
+
+def fresh(state):
+    """A copy: the update programs donate their input state."""
+    return jax.tree.map(jnp.copy, state)
+
+
+def test_state_is_sharded_over_the_mesh(trainer):
+    assert dict(trainer.mesh.shape) == {"data": 1, "fsdp": 4}
+    q = trainer.state.gen["blocks"]["self_attn"]["q"]["lora_a"]            # [layers, 64, rank]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+    mu = jax.tree.leaves(trainer.state.gen_opt)
+    assert any(len(a.sharding.device_set) == 4 and a.ndim == 3 for a in mu)
+    kernel = trainer.base["blocks"]["ffn_in"]["kernel"]                     # [layers, 64, 128]
+    assert len(kernel.sharding.device_set) == 4 and not kernel.sharding.is_fully_replicated
+
+
+def test_generator_updates_descend_the_dmd_objective_on_a_fixed_batch(trainer, batch):
+    """Everything random held fixed (batch, rollout noise, exit step, DMD time and noise): the student's clip moves
+    towards the DMD target x - grad of the first iteration. (The reported surrogate 1/2 mean(grad^2) is scale-free by
+    the DMD normaliser and is not itself a descent objective, so the distance to the fixed target is what falls.)"""
+    state = fresh(trainer.state)
+    rng, step = jnp.copy(state.rng), jnp.copy(state.step)
+    plan = trainer.plan_fn(batch, rng, step, 0)                             # the generator iteration's draws
+    first = trainer.rollout_fn(state.gen, trainer.base, batch, plan)
+    direction, _ = trainer.direction_fn(state.critic, trainer.base, batch, first.video, rng, step,
+                                        trainer.negative_text)
+    target = first.video - direction
+    distances = [float(0.5 * jnp.mean(jnp.square(first.video - target)))]
+    reported = []
+    for _ in range(4):
+        state, metrics = trainer.generator_iteration(state, batch)          # the step counter is not advanced
+        reported.append(float(metrics["loss"]))
+        result = trainer.rollout_fn(state.gen, trainer.base, batch, plan)
+        distances.append(float(0.5 * jnp.mean(jnp.square(result.video - target))))
+    assert reported[0] == pytest.approx(distances[0], rel=1e-5)
+    assert all(b < a for a, b in zip(distances, distances[1:])), distances
+    assert distances[-1] < 0.98 * distances[0], distances
+
+
+def test_critic_regression_loss_falls_on_a_fixed_batch(trainer, batch):
+    state = fresh(trainer.state)
+    result = trainer.rollout_fn(state.gen, trainer.base, batch, trainer.plan_fn(batch, state.rng, state.step, 1))
+    losses = []
+    for _ in range(4):
+        state, metrics = trainer.critic_fn(state.replace(step=jnp.zeros_like(state.step)), trainer.base, batch,
+                                           result.video)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0], losses
+
+
+def _changed(a, b):
+    return jax.tree.map(lambda x, y: bool(jnp.any(x != y)), a, b)
+
+
+def test_only_lora_parameters_train(trainer, batch):
+    before = fresh(trainer.state)
+    base_before = jax.tree.map(np.asarray, trainer.base)
+    state, _ = trainer.generator_iteration(fresh(before), batch)
+    once = fresh(state)
+    state, _ = trainer.generator_iteration(state, batch)
+    state, _ = trainer.critic_iteration(state, batch)
+    state, _ = trainer.critic_iteration(state, batch)
+    for path, leaf in jax.tree.flatten_with_path(trainer.base)[0]:
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(_get(base_before, path)), err_msg=str(path))
+    # B starts at zero, so the first update moves every B and no A; from the second on every adapter trains.
+    first = _changed(before.gen, once.gen)
+    assert all(v for p, v in _leaves(first) if p.endswith("lora_b")) and not any(
+        v for p, v in _leaves(first) if p.endswith("lora_a"))
+    assert all(v for _, v in _leaves(_changed(before.gen, state.gen)))
+    assert all(v for _, v in _leaves(_changed(before.critic, state.critic)))
+    assert not any(v for _, v in _leaves(_changed(once.critic, before.critic)))   # the generator leaves the critic
+
+
+def _get(tree, path):
+    for p in path:
+        tree = tree[p.key]
+    return tree
+
+
+def _leaves(tree):
+    return [("/".join(str(p.key) for p in path), v) for path, v in jax.tree.flatten_with_path(tree)[0]]
+
+
+def test_non_exit_forwards_carry_no_gradient_and_blockwise_equals_full(trainer, batch):
+    """Forward-mode derivatives of the differentiable rollout (`grad=True`) along a random adapter direction: through
+    the non-exit forwards' adapters the clip does not move at all; through the exit forwards it moves exactly as the
+    trainer's blockwise exit-VJP gradient predicts, <cotangent, d video> = <gradient, direction>."""
+    net, rcfg, base = trainer.networks, trainer.rcfg, trainer.base
+    cond = steps.conditions(batch)
+    state = trainer.state
+    gen = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape), state.gen)  # B != 0
+    tangent = jax.tree.map(lambda a: jax.random.normal(jax.random.key(4), a.shape), gen)
+    plan = make_plan(jax.random.key(3), rcfg, 4, 16, 8, 16, exit_step=2)    # 2 non-exit steps before the exit
+
+    @jax.jit
+    def derivatives(gen, tangent, base, cond):
+        def video(exit_lora, nonexit_lora):
+            return rollout(net, exit_lora, base, cond, plan, rcfg, grad=True, nonexit_lora=nonexit_lora).video
+
+        d_exit = jax.jvp(lambda e: video(e, gen), (gen,), (tangent,))[1]
+        d_nonexit = jax.jvp(lambda n: video(gen, n), (gen,), (tangent,))[1]
+        return d_exit, d_nonexit
+
+    one_device = jax.devices()[0]                      # unsharded: the check is about the math, not the layout
+    d_exit, d_nonexit = derivatives(*jax.device_put((gen, tangent, base, cond), one_device))
+    assert float(jnp.max(jnp.abs(d_nonexit))) == 0.0
+    assert float(jnp.max(jnp.abs(d_exit))) > 0.0
+
+    result = trainer.rollout_fn(gen, base, batch, plan)
+    cotangent = jax.random.normal(jax.random.key(2), result.video.shape)
+    # The trainer differentiates the surrogate 1/2 mean(x - sg(x - d))^2, whose gradient in x is d / numel.
+    _, g = trainer.generator_grads_fn(gen, base, batch, plan, result, cotangent * cotangent.size)
+    predicted = sum(float(jnp.vdot(a, b)) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(tangent)))
+    actual = float(jnp.vdot(cotangent, d_exit))
+    magnitude = float(jnp.sum(jnp.abs(cotangent * d_exit)))          # float32 sums of that size cancel to ~1e-6
+    assert abs(predicted - actual) < 1e-5 * magnitude, (predicted, actual, magnitude)
+
+
+def test_lora_targets_match_liveavatar_at_14b():
+    """448 adapted Linears (self/cross q, k, v, o and ffn.0/ffn.2 of 40 blocks, q, k, v, o of 12 audio injectors),
+    676,331,520 adapter parameters at rank 128 (training.md 7.3)."""
+    net = lora_lib.build_networks(abstract_model(DiTConfig()), lora_lib.LoRAConfig(), abstract=True)
+    assert lora_lib.count(net.lora_template) == 676_331_520
+    layers = sum(leaf.shape[0] for path, leaf in _leaves(net.lora_template) if path.endswith("lora_a"))
+    assert layers == 448
+
+
+def test_adapters_export_to_the_peft_layout_the_inference_loader_merges(tmp_path, trainer):
+    cfg = lora_lib.LoRAConfig.from_dict(trainer.config.lora)
+    tree = jax.tree.map(lambda a: np.asarray(a) + np.float32(0.01), jax.device_get(trainer.state.gen))
+    path = lora_lib.export_peft(tree, cfg, tmp_path / "student.safetensors")
+    back = lora_lib.import_peft(path, trainer.networks.abstract_lora(), cfg)
+    for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(back)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    from safetensors.numpy import load_file
+
+    names = load_file(str(path))
+    a = names["base_model.model.blocks.1.ffn.0.lora_A.default.weight"]
+    assert a.shape == (cfg.rank, 64)
+    np.testing.assert_array_equal(a, tree["blocks"]["ffn_in"]["lora_a"][1].T)
