@@ -282,7 +282,8 @@ class Pipeline:
         from liveavatar_jax.streaming.engine import split_audio_blocks
         blocks = split_audio_blocks(emb.astype(self.models.dit.cfg.jnp_dtype), self.stream_cfg.frames_per_block,
                                     0, plan.blocks)
-        ctx = StreamContext(text=self.text_context(prompt), ref_latents=ref, motion_latents=motion)
+        ctx = self.engine.with_text_kv(StreamContext(text=self.text_context(prompt), ref_latents=ref,
+                                                     motion_latents=motion))
         return Prepared(plan=plan, ctx=ctx, audio_blocks=blocks, waveform=wav)
 
     def stream(self, prepared: Prepared, seed: int) -> Iterator[dict]:
@@ -316,7 +317,8 @@ class Pipeline:
         h, w = image_io.size_for_area(image.height, image.width, self.config.size)
         pixels = image_io.preprocess_reference(image, h, w)
         ref, motion = self.reference_latents(pixels)
-        ctx = StreamContext(text=self.text_context(prompt), ref_latents=ref, motion_latents=motion)
+        ctx = self.engine.with_text_kv(StreamContext(text=self.text_context(prompt), ref_latents=ref,
+                                                     motion_latents=motion))
         enc = audio_io.StreamingAudioEncoder(self.models.audio, total_samples=total_samples,
                                              frames_per_block=FRAMES_PER_LATENT * self.stream_cfg.frames_per_block)
         state = self.engine.init(ctx, seed)

@@ -193,8 +193,9 @@ class Attention(nnx.Module):
     def out(self, y):
         return self.o(y.reshape(*y.shape[:-2], -1))
 
-    def cross(self, x, ctx):
-        k, v = self.project_kv(ctx)
+    def cross(self, x, ctx=None, kv=None):
+        """Cross-attention of x to `ctx`, or to its keys/values `kv` when they were projected beforehand."""
+        k, v = kv if kv is not None else self.project_kv(ctx)
         return self.out(attention(self.project_q(x), k, v))
 
 
@@ -212,9 +213,10 @@ class Block(nnx.Module):
         self.ffn_out = Dense(cfg.ffn_dim, cfg.dim, dtype=dt, rngs=rngs)
         self.eps = cfg.eps
 
-    def __call__(self, x, e0, text, self_attention):
+    def __call__(self, x, e0, text, self_attention, text_kv=None):
         """x [B, L, D] in the block dtype; e0 [B, F, 6, D] float32 per-frame time rows; `self_attention(h) -> y`
-        runs the attention (the caller decides which keys: the sink prefill and the streaming block differ)."""
+        runs the attention (the caller decides which keys: the sink prefill and the streaming block differ);
+        `text_kv`, when given, is this layer's projected text keys/values (see `CausalS2VDiT.text_kv`)."""
         dt = x.dtype
         m = self.modulation[...].astype(jnp.float32)[None, None] + e0
         shift1, scale1, gate1, shift2, scale2, gate2 = (m[:, :, i] for i in range(6))
@@ -224,7 +226,7 @@ class Block(nnx.Module):
         # The official block rounds the cross-attention pre-norm input and output to bfloat16, even in float32.
         normed = layer_norm(x.astype(jnp.bfloat16), self.eps, self.norm3_scale[...], self.norm3_bias[...])
         normed = normed.astype(jnp.bfloat16).astype(dt)
-        x = x + self.cross_attn.cross(normed, text).astype(jnp.float32)
+        x = x + self.cross_attn.cross(normed, text, kv=text_kv).astype(jnp.float32)
         h = modulate(layer_norm(x, self.eps), shift2, scale2)
         y = self.ffn_out(jax.nn.gelu(self.ffn_in(h.astype(dt)), approximate=True))
         x = x + gate(y, gate2)
@@ -408,14 +410,29 @@ class CausalS2VDiT(nnx.Module):
     def encode_audio(self, audio):
         """audio [B, layers, C_a, T] per-video-frame features -> tokens [B, F, 5, D], global [B, F, 1, D].
 
-        The block's first frame is repeated `motion_frames[0]` times in front (official), and the first
-        `motion_frames[1]` outputs are dropped, leaving one entry per latent frame.
+        Officially the block's first frame is repeated `motion_frames[0]` times in front and the first
+        `motion_frames[1]` outputs are dropped, leaving one entry per latent frame. The repeated frames are one
+        constant, and the encoder's causal convolutions (kernel 3, replicate padding, strides 1, 2, 2) map a constant
+        run to a constant run, so all but the last few copies can be left out: dropping 4k of them (a multiple of
+        the total stride keeps the output grid aligned) drops exactly k outputs and changes no value.
         """
         pre, drop = self.cfg.motion_frames
-        audio = jnp.concatenate([jnp.repeat(audio[..., :1], pre, axis=-1), audio], axis=-1)
+        skip = 4 * max(0, (pre - 9) // 4)   # keep >= 9 copies: covers the receptive field of the kept outputs
+        skip = min(skip, 4 * drop)
+        audio = jnp.concatenate([jnp.repeat(audio[..., :1], pre - skip, axis=-1), audio], axis=-1)
         tokens, glob = self.audio_encoder(audio)
         dt = self.cfg.jnp_dtype
-        return tokens[:, drop:].astype(dt), glob[:, drop:].astype(dt)
+        return tokens[:, drop - skip // 4:].astype(dt), glob[:, drop - skip // 4:].astype(dt)
+
+    def text_kv(self, text):
+        """Every layer's text cross-attention keys and values [layers, B, text_len, heads, head_dim], computed once
+        per prompt instead of in every call (the official code recomputes them; the result is the same)."""
+        block_def, block_state = nnx.split(self.blocks)
+
+        def body(_, layer_state):
+            return None, nnx.merge(block_def, layer_state).cross_attn.project_kv(text)
+
+        return jax.lax.scan(body, None, block_state)[1]
 
     # ------------------------------------------------------------------------------------------------ positions
 
@@ -440,7 +457,7 @@ class CausalS2VDiT(nnx.Module):
 
     # ---------------------------------------------------------------------------------------------- entry points
 
-    def _scan_blocks(self, x, e0, text, attend, cache_xs, inject=None, debug=False):
+    def _scan_blocks(self, x, e0, text, attend, cache_xs, inject=None, debug=False, text_kv=None):
         """Runs every block under lax.scan. `attend(attn, h, cache_l) -> (y, new_cache_l)` is the self-attention
         of one layer given that layer's slice of `cache_xs`; `inject(injector, x)` the audio injection."""
         cfg = self.cfg
@@ -451,7 +468,7 @@ class CausalS2VDiT(nnx.Module):
             inj_index[layer] = j
 
         def body(x, xs):
-            layer_state, cache_l, j = xs
+            layer_state, cache_l, j, kv_l = xs
             block = nnx.merge(block_def, layer_state)
             new_cache = {}
 
@@ -459,7 +476,7 @@ class CausalS2VDiT(nnx.Module):
                 y, new_cache["c"] = attend(attn, h, cache_l)
                 return y
 
-            x, normed = block(x, e0, text, self_attention)
+            x, normed = block(x, e0, text, self_attention, text_kv=kv_l)
             block_out = x
             if inject is not None:
                 def do_inject(x):
@@ -469,7 +486,7 @@ class CausalS2VDiT(nnx.Module):
             ys = (new_cache["c"], (block_out, normed) if debug else None)
             return x, ys
 
-        x, (new_cache, dbg) = jax.lax.scan(body, x, (block_state, cache_xs, jnp.asarray(inj_index)))
+        x, (new_cache, dbg) = jax.lax.scan(body, x, (block_state, cache_xs, jnp.asarray(inj_index), text_kv))
         return x, new_cache, dbg
 
     def sink_prefill(self, ref_latents, motion_latents, text):
@@ -499,11 +516,13 @@ class CausalS2VDiT(nnx.Module):
         return SinkCache(k=k, v=v)
 
     def block_forward(self, x, t, text, audio, cache: RingCache, sink: SinkCache, first_frame, relative_dist,
-                      cond_states=None, debug: bool = False):
+                      cond_states=None, debug: bool = False, text_kv=None):
         """One denoising step of one block.
 
-        x [B, 16, F, h, w] noisy latents; t [B] or [B, F] timesteps; text [B, text_len, D]; audio
-        [B, layers, C_a, 4F] features of the block's video frames; cache: this step's ring; sink: the sink K/V;
+        x [B, 16, F, h, w] noisy latents; t [B] or [B, F] timesteps; text [B, text_len, D] (or None with `text_kv`
+        from `text_kv(text)`, computed once per prompt); audio [B, layers, C_a, 4F] features of the block's video
+        frames, or their `encode_audio` output (computed once per block: the 4 steps share it); cache: this
+        step's ring; sink: the sink K/V;
         first_frame: global latent index g of the block's first frame (int32, never wrapped); relative_dist: the
         rolling-sink distance d of this call (the reference is re-rotated to max(sink_position, g + d)).
         Returns (velocity [B, 16, F, h, w], updated ring[, debug dict]).
@@ -523,7 +542,7 @@ class CausalS2VDiT(nnx.Module):
         t = jnp.asarray(t, jnp.float32)
         t = jnp.broadcast_to(t[:, None] if t.ndim == 1 else t, (b, f))
         e, e0 = self.time_embed(t)
-        audio_tokens, audio_global = self.encode_audio(audio)
+        audio_tokens, audio_global = audio if isinstance(audio, tuple) else self.encode_audio(audio)
 
         first_frame = jnp.asarray(first_frame, jnp.int32)
         block_tab = self.block_table(first_frame, f, h, w)
@@ -558,7 +577,7 @@ class CausalS2VDiT(nnx.Module):
             return injector(x, audio_tokens, audio_global)
 
         out, (ring_k, ring_v, sink_kr), dbg = self._scan_blocks(
-            hs, e0, text, attend, (cache.k, cache.v, sink.k, sink.v), inject=inject, debug=debug)
+            hs, e0, text, attend, (cache.k, cache.v, sink.k, sink.v), inject=inject, debug=debug, text_kv=text_kv)
 
         # head (float32 autocast region): LN(x) in x's dtype, then modulation and the projection in float32
         m = self.head_modulation[...].astype(jnp.float32)[None, None] + e[:, :, None]

@@ -56,10 +56,12 @@ class StreamState:
 
 @struct.dataclass
 class StreamContext:
-    """Per-stream inputs that never change: the embedded prompt, the original reference and motion latents."""
+    """Per-stream inputs that never change: the embedded prompt (and, once `with_text_kv` ran, every layer's text
+    keys/values), the original reference and motion latents."""
     text: jnp.ndarray
     ref_latents: jnp.ndarray
     motion_latents: jnp.ndarray
+    text_kv: tuple | None = None
 
 
 def block_noise(key, block, shape, dtype=jnp.float32):
@@ -95,6 +97,7 @@ class StreamEngine:
         self._step = jax.jit(self._step_impl, static_argnames=("trace",), donate_argnums=(1,))
         self._run = jax.jit(self._run_impl, static_argnames=("trace",), donate_argnums=(1,))
         self._init = jax.jit(self._init_impl)
+        self._text_kv = jax.jit(lambda params, text: self.merged(params).text_kv(text))
         self._replace_sink = jax.jit(self._replace_sink_impl, donate_argnums=(1,))
 
     def merged(self, params):
@@ -116,6 +119,12 @@ class StreamEngine:
             decoder = self.decoder.prime(dec_params, cache, ctx.motion_latents)
         return StreamState(rings=rings, sink=sink, first_latent=jnp.zeros_like(ctx.ref_latents, mc.jnp_dtype),
                            block=jnp.zeros((), jnp.int32), key=key, decoder=decoder)
+
+    def with_text_kv(self, ctx: StreamContext) -> StreamContext:
+        """The context with every layer's text keys/values computed once (they never change within a stream)."""
+        if ctx.text_kv is not None:
+            return ctx
+        return ctx.replace(text_kv=self._text_kv(self.params, ctx.text))
 
     def init(self, ctx: StreamContext, seed_or_key) -> StreamState:
         key = jax.random.key(seed_or_key) if isinstance(seed_or_key, int) else seed_or_key
@@ -149,10 +158,12 @@ class StreamEngine:
         first_frame = g * cfg.frames_per_block
         x = noise.astype(mc.jnp_dtype)
 
+        audio = model.encode_audio(audio)   # once per block: the denoising steps share it
+
         def denoise(x, xs):
             ring_k, ring_v, t, s0, s1, d = xs
             out = model.block_forward(x, jnp.full((b,), t), ctx.text, audio, RingCache(ring_k, ring_v), sink,
-                                      first_frame, d, cond_states=cond, debug=trace)
+                                      first_frame, d, cond_states=cond, debug=trace, text_kv=ctx.text_kv)
             v, ring = out[0], out[1]
             x_next = euler_step(x, v, s0, s1)
             aux = {"x_in": x, "flow_pred": v, "roped_sink_k": out[2]["roped_sink_k"]} if trace else None
