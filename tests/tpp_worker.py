@@ -3,10 +3,10 @@
     python tests/tpp_worker.py --coordinator_address 127.0.0.1:PORT --num_processes 2 --process_id I \
         --steps 2 --tensor 2 --blocks 8 --seed 11 --out DIR
 
-`--noise` replays given block noise instead of drawing the seed's (what StreamEngine would draw): the caller
-has it already, and the Gaussian sampler is slow to compile on CPU. Every process runs the same host loop over the global mesh; writes DIR/process{I}.npz with the latents (every
-process holds every leaving block), the frames (only the process owning the decode device) and, from process 0, the
-gathered step rings.
+`--noise` replays given block noise instead of drawing the seed's (what StreamEngine would draw): the caller has it
+already, and the Gaussian sampler is slow to compile on CPU. Every process runs the same host loop over the global
+mesh and writes DIR/process{I}.npz: the latents (every process holds every leaving block), the frames (only the
+process owning the decode device) and, from process 0, the gathered step rings.
 """
 
 import argparse

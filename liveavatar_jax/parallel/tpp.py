@@ -28,7 +28,6 @@ decodes; the others get `frames = None`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Any
 
@@ -408,7 +407,7 @@ class TPPEngine:
 
     def tick_breakdown(self) -> dict:
         """Per-tick timing summary of the ticks since `init` (for a CLI's JSON summary); see `timing_summary`."""
-        out = timing_summary(self.timings, self.cfg.steps, 4 * self.cfg.frames_per_block)
+        out = timing_summary(self.timings, 4 * self.cfg.frames_per_block)
         out.update(decode_on=self.decode_on if self.decoder is not None else None,
                    stage_devices=[str(d) for d in mesh_lib.stage_devices(self.mesh)],
                    decode_device=None if self.decode_device is None else str(self.decode_device))
@@ -439,8 +438,9 @@ def draw_rolling_distances(key, block, steps: int, dist_range):
 
 
 def _keep_slot_if(live, old: RingCache, new: RingCache, first_frame, f: int, mc, h: int, w: int) -> RingCache:
-    """`new` where the block slot it wrote keeps the old contents unless `live`: a bubble tick leaves the ring as it
-    was. Only the written slot is selected, never the whole ring (11 GB per stage at 720x400)."""
+    """`new`, with the slot `block_forward` wrote put back to `old` when the stage held no block (`live` false), so a
+    bubble tick leaves the ring as it was. Only that slot is selected, never the whole ring (11 GB per stage at
+    720x400)."""
     n_frame = (h // mc.patch_size[1]) * (w // mc.patch_size[2])
     ring_frames = old.k.shape[2] // n_frame
     offset = (first_frame % ring_frames) * n_frame     # the slot block_forward wrote
@@ -457,7 +457,7 @@ def _median(xs):
     return float(np.median(xs)) if len(xs) else None
 
 
-def timing_summary(records: list[dict], steps: int, frames_per_block: int) -> dict:
+def timing_summary(records: list[dict], frames_per_block: int) -> dict:
     """Summarises per-tick records of a stream that started from an empty pipeline.
 
     Always: the tick count, fill ticks, blocks per tick after the fill (1.0 for a full pipeline) and the host loop's
