@@ -79,3 +79,11 @@ def test_replayed_distances_and_rsfm_switches(setup):
     _, a = still.run(still.init(ctx, key), ctx, audio, dists=dists)
     _, b = still.run(still.init(ctx, key), ctx, audio, dists=jnp.full_like(dists, 30))
     np.testing.assert_array_equal(np.asarray(a["latents"]), np.asarray(b["latents"]))   # distance has no effect
+
+
+def test_golden_stream_loop():
+    from liveavatar_jax.golden import run_fixture
+
+    _, rows = run_fixture(golden_dir("stream_loop"))
+    failed = [r.line() for r in rows if not r.ok]
+    assert len(rows) == 77 and not failed, "\n".join(failed)
