@@ -58,6 +58,7 @@ def main():
 
     # ---------------------------------------------------------------- one device
     single = StreamEngine(dit, scfg, decoder=decoder)
+    base_ctx, ctx = ctx, single.with_text_kv(ctx)        # as the pipeline streams: text keys/values once per prompt
     state = single.init(ctx, 0)                          # compile
     for g in range(scfg.steps + 2):
         state, out = single.step(state, ctx, audio[g])
@@ -77,6 +78,7 @@ def main():
 
     # ---------------------------------------------------------------- the pipeline
     engine = TPPEngine(dit, scfg, decoder=decoder, decode_on=args.decode_on, profile=True)
+    ctx = engine.with_text_kv(base_ctx)
     tstate = engine.init(ctx, 0)                         # compile
     engine.run(tstate, ctx, audio[: scfg.steps + 2])
     # (a) profiled: every tick and decode awaited, giving the breakdown

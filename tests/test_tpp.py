@@ -118,6 +118,8 @@ def test_three_stages_live_ticks_match(model, stream):
     """The per-tick API: S - 1 fill ticks emit nothing, then one block per tick, then `flush` drains."""
     ctx, audio = stream
     engine = TPPEngine(model, stream_cfg(3), mesh=mesh_lib.make_tpp_mesh(3, devices=jax.devices()[5:8]))
+    ctx = engine.with_text_kv(ctx)      # text keys/values projected once per prompt (the CLI's fast path)
+    assert ctx.text_kv is not None
     state = engine.init(ctx, SEED)
     outs = []
     for g in range(N_BLOCKS):

@@ -54,6 +54,7 @@ def main() -> int:
     mesh = make_tpp_mesh(args.steps, tensor=args.tensor)
     engine = TPPEngine(model, StreamConfig(steps=args.steps, ring_blocks=4, sink_replace_block=4), mesh=mesh,
                        decoder=LinearPreviewDecoder(), decode_on=args.decode_on)
+    ctx = engine.with_text_kv(ctx)
     state = engine.init(ctx, args.seed)
     noise = None if args.noise is None else np.load(args.noise)
     state, out = engine.run(state, ctx, audio, noise=noise)

@@ -3,7 +3,9 @@
 Stage i of the `pipeline` mesh axis runs denoising step i of every block, with its own KV ring (step i's keys: timestep
 forcing) and its own sink cache (each stage runs the sink prefill itself, like the official DiT ranks). One *tick*:
 
-  1. stage 0 takes in a fresh block (noise, audio features, pose latents, the block's rolling distances);
+  1. stage 0 takes in a fresh block (noise, encoded audio, pose latents, the block's rolling distances); the audio
+     is encoded once per block, as `StreamEngine` does, and travels with the latents (it is smaller than the raw
+     wav2vec2 features);
   2. every stage runs its denoising step on the block it holds (a bubble slot computes but writes nothing back);
   3. the block leaving the last stage is made visible to every device with a `psum` of the masked value (it is the
      tick's output, and block 0's first frame is the new sink latent that every stage prefills before block
@@ -53,7 +55,8 @@ _NO_ROLL = -(2 ** 30)   # a rolling distance that keeps the reference at its pre
 class StageSlots:
     """What each stage holds between ticks, stacked [S, ...] over stages and sharded over `pipeline`."""
     x: jnp.ndarray        # [S, B, 16, F, h, w] the latents stage i denoises next
-    audio: jnp.ndarray    # [S, B, layers, C_a, 4F] that block's audio features (they travel with the latents)
+    audio_tokens: jnp.ndarray   # [S, B, F, 5, D] that block's encoded audio (it travels with the latents)
+    audio_global: jnp.ndarray   # [S, B, F, 1, D]
     cond: jnp.ndarray     # [S, B, 16, F, h, w] its pose latents (zeros without a pose video: same maths as none)
     dists: jnp.ndarray    # [S, steps] its rolling distance per step
     block: jnp.ndarray    # [S] its global block index
@@ -64,7 +67,8 @@ class StageSlots:
 class Inflow:
     """The block entering stage 0 this tick (replicated)."""
     x: jnp.ndarray
-    audio: jnp.ndarray
+    audio_tokens: jnp.ndarray
+    audio_global: jnp.ndarray
     cond: jnp.ndarray
     dists: jnp.ndarray
     block: jnp.ndarray
@@ -89,6 +93,11 @@ class TPPState:
     def in_flight(self) -> int:
         """Blocks that entered but have not left yet."""
         return sum(b is not None for b in self.stages[:-1])
+
+
+def _as_float32(x):
+    return x if getattr(x, "dtype", None) == np.float32 else (x.astype(jnp.float32) if isinstance(x, jax.Array) else
+                                            np.asarray(x, np.float32))
 
 
 def _squeeze(tree):
@@ -200,6 +209,7 @@ class TPPEngine:
         self._tick = jax.jit(self._tick_impl, donate_argnums=(1,))
         self._prime = jax.jit(self._prime_impl, static_argnums=(2,))
         self._decode = jax.jit(self._decode_impl, donate_argnums=(1,))
+        self._text_kv = jax.jit(lambda params, text: self.merged(params).text_kv(text))
 
     def merged(self, params):
         return nnx.merge(self.graphdef, params)
@@ -220,8 +230,8 @@ class TPPEngine:
 
     def _init_impl(self, params, ctx: StreamContext, key_data, key_impl):
         mc, cfg, S = self.model_cfg, self.cfg, self.cfg.steps
-        latent, audio = self._shapes(ctx)
-        b, _, _, h, w = latent
+        latent, _ = self._shapes(ctx)
+        b, _, f, h, w = latent
         n_frame = (h // mc.patch_size[1]) * (w // mc.patch_size[2])
 
         def prefill(params, text, ref, motion):
@@ -234,12 +244,21 @@ class TPPEngine:
         ring = RingCache.zeros(mc.num_layers, b, cfg.ring_frames * n_frame, mc.num_heads, mc.head_dim, mc.jnp_dtype)
         rings = jax.tree.map(lambda a: jnp.zeros((S, *a.shape), a.dtype), ring)
         rings = jax.lax.with_sharding_constraint(rings, self._stage_sharding(rings, mesh_lib.RING_SPEC))
-        slots = StageSlots(x=jnp.zeros((S, *latent), mc.jnp_dtype), audio=jnp.zeros((S, *audio), jnp.float32),
+        slots = StageSlots(x=jnp.zeros((S, *latent), mc.jnp_dtype),
+                           audio_tokens=jnp.zeros((S, b, f, mc.num_audio_token + 1, mc.dim), mc.jnp_dtype),
+                           audio_global=jnp.zeros((S, b, f, 1, mc.dim), mc.jnp_dtype),
                            cond=jnp.zeros((S, *latent), jnp.float32), dists=jnp.zeros((S, S), jnp.int32),
                            block=jnp.zeros((S,), jnp.int32), live=jnp.zeros((S,), jnp.int32))
         slots = jax.lax.with_sharding_constraint(slots, self._stage_sharding(slots, mesh_lib.STAGE_SPEC))
         return TPPState(rings=rings, sink=sink, slots=slots, first_latent=jnp.zeros_like(ctx.ref_latents, mc.jnp_dtype),
                         key=jax.random.wrap_key_data(key_data, impl=key_impl))
+
+    def with_text_kv(self, ctx: StreamContext) -> StreamContext:
+        """The context with every layer's text keys/values computed once (as `StreamEngine.with_text_kv`)."""
+        ctx = self.prepare(ctx)
+        if ctx.text_kv is not None:
+            return ctx
+        return ctx.replace(text_kv=self._text_kv(self.params, ctx.text))
 
     def prepare(self, ctx: StreamContext) -> StreamContext:
         """The context replicated over the mesh (done once; `init`, `run` and `step` accept either form)."""
@@ -260,7 +279,7 @@ class TPPEngine:
 
     # ------------------------------------------------------------------------------------------------ one tick
 
-    def _stage_tick(self, params, text, motion, slots, rings, sink, first_latent, inflow):
+    def _stage_tick(self, params, text, text_kv, motion, slots, rings, sink, first_latent, inflow):
         """One tick on one stage (inside shard_map: leading stage axes have size 1)."""
         cfg, mc, S = self.cfg, self.model_cfg, self.cfg.steps
         model = self.merged(params)
@@ -268,7 +287,8 @@ class TPPEngine:
         stage = jax.lax.axis_index(PIPELINE)
         entering = stage == 0
         x = jnp.where(entering, inflow.x, slots.x)
-        audio = jnp.where(entering, inflow.audio, slots.audio)
+        audio = (jnp.where(entering, inflow.audio_tokens, slots.audio_tokens),
+                 jnp.where(entering, inflow.audio_global, slots.audio_global))
         cond = jnp.where(entering, inflow.cond, slots.cond)
         dists = jnp.where(entering, inflow.dists, slots.dists)
         blk = jnp.where(entering, inflow.block, slots.block)
@@ -284,7 +304,7 @@ class TPPEngine:
         first_frame = blk * f
         t = jnp.asarray(self.timesteps)[stage]
         v, written = model.block_forward(x, jnp.full((b,), t), text, audio, ring, sink, first_frame, dists[stage],
-                                         cond_states=cond)
+                                         cond_states=cond, text_kv=text_kv)
         ring = _keep_slot_if(live, ring, written, first_frame, f, mc, h, w)
         x = euler_step(x, v, jnp.asarray(self.sigmas)[stage], jnp.asarray(self.sigmas)[stage + 1])
 
@@ -294,7 +314,8 @@ class TPPEngine:
         first_left = jax.lax.psum((leaving & (blk == 0)).astype(jnp.int32), PIPELINE) > 0
         first_latent = jnp.where(first_left, out_x[:, :, :1], first_latent)
 
-        moved = StageSlots(x=x, audio=audio, cond=cond, dists=dists, block=blk, live=live.astype(jnp.int32))
+        moved = StageSlots(x=x, audio_tokens=audio[0], audio_global=audio[1], cond=cond, dists=dists, block=blk,
+                           live=live.astype(jnp.int32))
         if S > 1:
             # Non-cyclic shift: stage 0 receives zeros and always overwrites them with the inflow.
             moved = jax.lax.ppermute(moved, PIPELINE, [(i, i + 1) for i in range(S - 1)])
@@ -304,14 +325,16 @@ class TPPEngine:
         cfg, mc = self.cfg, self.model_cfg
         if not cfg.rolling_sink:
             dists = jnp.full((cfg.steps,), _NO_ROLL, jnp.int32)
-        inflow = Inflow(x=noise.astype(mc.jnp_dtype), audio=audio.astype(jnp.float32),
-                        cond=cond.astype(jnp.float32), dists=dists.astype(jnp.int32), block=block, live=live)
+        tokens, glob = self.merged(params).encode_audio(audio)
+        inflow = Inflow(x=noise.astype(mc.jnp_dtype), audio_tokens=tokens, audio_global=glob, cond=cond,
+                        dists=dists.astype(jnp.int32), block=block, live=live)
         stage_spec = P(PIPELINE)
         slots, rings, sink, first_latent, out_x = jax.shard_map(
             self._stage_tick, mesh=self.mesh, axis_names={PIPELINE},
-            in_specs=(P(), P(), P(), stage_spec, stage_spec, stage_spec, P(), P()),
+            in_specs=(P(), P(), P(), P(), stage_spec, stage_spec, stage_spec, P(), P()),
             out_specs=(stage_spec, stage_spec, stage_spec, P(), P()),
-        )(params, ctx.text, ctx.motion_latents, core.slots, core.rings, core.sink, core.first_latent, inflow)
+        )(params, ctx.text, ctx.text_kv, ctx.motion_latents, core.slots, core.rings, core.sink, core.first_latent,
+          inflow)
         return core.replace(slots=slots, rings=rings, sink=sink, first_latent=first_latent), out_x
 
     # -------------------------------------------------------------------------------------------------- decode
@@ -340,6 +363,9 @@ class TPPEngine:
                                    np.zeros((cfg.steps,), np.int32))
         if cond is None:
             cond = np.zeros(latent, np.float32)
+        # One dtype whatever the caller passes (exact: the encoder and the model read them in float32 or lower), so
+        # that live and bubble ticks share one compiled program.
+        audio, noise, cond = (_as_float32(a) for a in (audio, noise, cond))
         inputs = mesh_lib.replicate((audio, noise, dists, cond, np.int32(g), np.int32(live)), self.mesh)
         # Static fields stay out of the jitted call, or every tick would retrace.
         core = state.replace(decoder=None, block=0, stages=())
@@ -508,13 +534,14 @@ def profile_stages(engine: TPPEngine, state: TPPState, ctx: StreamContext, audio
     ctx = engine.prepare(ctx)
     latent, audio_shape = engine._shapes(ctx)
 
-    def stage_compute(params, x, t, s0, s1, text, audio, ring, sink, block, dist):
+    def stage_compute(params, x, t, s0, s1, text, text_kv, audio, ring, sink, block, dist):
         model = engine.merged(params)
         v, ring = model.block_forward(x, jnp.full((x.shape[0],), t), text, audio, ring, sink, block * x.shape[2],
-                                      dist, cond_states=jnp.zeros(x.shape, jnp.float32))
+                                      dist, cond_states=jnp.zeros(x.shape, jnp.float32), text_kv=text_kv)
         return euler_step(x, v, s0, s1), ring
 
     fn = jax.jit(stage_compute)
+    encode = jax.jit(lambda params, audio: engine.merged(params).encode_audio(audio))
     # Ring and sink contents do not change the work: zeros of the right shapes, with a full ring (block ring_blocks).
     ring_shape = state.rings.k.shape[1:]
     sink_shape = state.sink.k.shape[1:]
@@ -526,9 +553,12 @@ def profile_stages(engine: TPPEngine, state: TPPState, ctx: StreamContext, audio
         with jax.default_device(dev):
             ring = RingCache(jnp.zeros(ring_shape, state.rings.k.dtype), jnp.zeros(ring_shape, state.rings.v.dtype))
             sink = SinkCache(jnp.zeros(sink_shape, state.sink.k.dtype), jnp.zeros(sink_shape, state.sink.v.dtype))
-        args = (jax.device_put(engine.params, dev), jax.device_put(np.zeros(latent, mc.jnp_dtype), dev),
-                engine.timesteps[i], engine.sigmas[i], engine.sigmas[i + 1], _local_on(ctx.text, dev),
-                jax.device_put(np.asarray(audio, np.float32).reshape(audio_shape), dev), ring, sink,
+        params = jax.device_put(engine.params, dev)
+        # each stage receives its block's audio already encoded (stage 0 encodes it once per block)
+        tokens = encode(params, jax.device_put(np.asarray(audio, np.float32).reshape(audio_shape), dev))
+        text_kv = None if ctx.text_kv is None else jax.tree.map(lambda a: _local_on(a, dev), ctx.text_kv)
+        args = (params, jax.device_put(np.zeros(latent, mc.jnp_dtype), dev), engine.timesteps[i],
+                engine.sigmas[i], engine.sigmas[i + 1], _local_on(ctx.text, dev), text_kv, tokens, ring, sink,
                 np.int32(cfg.ring_blocks), np.int32(cfg.relative_dist[1]))
         jax.block_until_ready(fn(*args))
         times = []
