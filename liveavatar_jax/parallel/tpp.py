@@ -19,8 +19,8 @@ stream on one device and on a pipeline.
 Decoding runs outside the pipeline program on a decode device: a device outside the mesh (`decode_on="separate"`, the
 official 4+1 layout; the host dispatches the decode of the block that left at tick t and immediately dispatches tick
 t + 1, so the decode overlaps the next tick) or the last stage's device (`decode_on="last_stage"`, where the decode
-queues behind that stage's work). The decoder has `StreamEngine`'s interface: `init(latents_shape) -> cache`,
-`prime(cache, motion_latents) -> cache`, `decode(cache, latents) -> (frames, cache)`.
+queues behind that stage's work). The decoder has `StreamEngine`'s interface: `params`, `init(params, latents_shape)
+-> cache`, `prime(params, cache, motion_latents) -> cache`, `decode(params, cache, latents) -> (frames, cache)`.
 
 Multi-process (stages on several hosts): call `liveavatar_jax.parallel.distributed.initialize()` first; every
 process then runs the same host loop (the same calls in the same order). Only the process owning the decode device
