@@ -286,23 +286,37 @@ class Pipeline:
                                                      motion_latents=motion))
         return Prepared(plan=plan, ctx=ctx, audio_blocks=blocks, waveform=wav)
 
+    def _emitted(self, state, ctx, feed):
+        """Runs `feed` (an iterable of per-block audio inputs) through the engine and yields (state, block index,
+        output) for every block that leaves it, in order. A pipelined engine (TPP) returns nothing during its fill
+        ticks and holds the last blocks until `flush`; the single-device engine returns each block at once."""
+        g = 0
+        for audio in feed:
+            t0 = time.perf_counter()
+            state, out = self.engine.step(state, ctx, audio)
+            g += 1
+            if out.get("valid", True):
+                yield state, out.get("block", g - 1), out, time.perf_counter() - t0
+        if hasattr(self.engine, "flush"):
+            t0 = time.perf_counter()
+            state, rest = self.engine.flush(state, ctx)
+            for out in rest:
+                yield state, out["block"], out, (time.perf_counter() - t0) / max(len(rest), 1)
+
     def stream(self, prepared: Prepared, seed: int) -> Iterator[dict]:
         """Yields, per block: {"index", "frames" uint8 [n, H, W, 3] (first frames dropped, last block trimmed),
-        "latents" [16, F, h, w], "seconds" (wall time of the block, compile included for the first)}."""
+        "latents" [16, F, h, w], "seconds" (wall time since the previous block, compile included for the first)}."""
         plan = prepared.plan
         state = self.engine.init(prepared.ctx, seed)
         emitted = 0
-        for g in range(plan.blocks):
-            t0 = time.perf_counter()
-            state, out = self.engine.step(state, prepared.ctx, prepared.audio_blocks[g])
+        feed = (prepared.audio_blocks[g] for g in range(plan.blocks))
+        for state, g, out, dt in self._emitted(state, prepared.ctx, feed):
             frames = np.asarray(out["frames"][0])
-            latents = np.asarray(out["latents"][0])
-            dt = time.perf_counter() - t0
             if g == 0:
                 frames = frames[plan.drop_first_frames:]
             frames = frames[: plan.video_frames - emitted]
             emitted += len(frames)
-            yield {"index": g, "frames": frames, "latents": latents, "seconds": dt}
+            yield {"index": g, "frames": frames, "latents": np.asarray(out["latents"][0]), "seconds": dt}
 
     def live(self, image, prompt: str, chunks: Iterable[np.ndarray], *, seed: int = 0,
              total_samples: int | None = None) -> Iterator[dict]:
@@ -327,20 +341,22 @@ class Pipeline:
         per = FRAMES_PER_LATENT * self.stream_cfg.frames_per_block
         fps = self.config.fps
 
-        def run(blocks):
-            nonlocal state
-            for blk in blocks:
-                state, out = self.engine.step(state, ctx, blk.features.astype(self.models.dit.cfg.jnp_dtype))
-                frames = np.asarray(out["frames"][0])
-                first = blk.index * per + (drop if blk.index == 0 else 0)
-                if blk.index == 0:
-                    frames = frames[drop:]
-                # displayed frame i shows the content generated for audio frame i + drop (official quirk)
-                yield {"index": blk.index, "frames": frames,
-                       "audio_span": (first / fps, (blk.index + 1) * per / fps)}
+        dt = self.models.dit.cfg.jnp_dtype
 
-        for chunk in chunks:
-            astate, blocks = enc.push(astate, np.asarray(chunk, np.float32))
-            yield from run(blocks)
-        astate, blocks = enc.finish(astate)
-        yield from run(blocks)
+        def feed():
+            nonlocal astate
+            for chunk in chunks:
+                astate, blocks = enc.push(astate, np.asarray(chunk, np.float32))
+                for blk in blocks:
+                    yield blk.features.astype(dt)
+            astate, blocks = enc.finish(astate)
+            for blk in blocks:
+                yield blk.features.astype(dt)
+
+        for state, g, out, _ in self._emitted(state, ctx, feed()):
+            frames = np.asarray(out["frames"][0])
+            first = g * per + (drop if g == 0 else 0)
+            if g == 0:
+                frames = frames[drop:]
+            # displayed frame i shows the content generated for audio frame i + drop (official quirk)
+            yield {"index": g, "frames": frames, "audio_span": (first / fps, (g + 1) * per / fps)}
