@@ -1,5 +1,6 @@
 """python -m infer.stream end to end at the embedded tiny default: the mp4, a SIGKILL mid-stream, bad input."""
 
+import json
 import os
 import signal
 import subprocess
@@ -23,21 +24,46 @@ def run_stream(*args, **kw):
                           capture_output=True, text=True, **kw)
 
 
-def test_stream_writes_a_complete_mp4(tmp_path):
-    out = tmp_path / "demo.mp4"
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("single")
+    out = tmp / "demo.mp4"
     r = run_stream("--image", DATA / "face.png", "--audio", DATA / "speech_16k_mono.wav", "--prompt", "hello",
-                   "--out", out, "--save_latents", tmp_path / "lat.safetensors", timeout=900)
+                   "--out", out, "--save_latents", tmp / "lat.safetensors", timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
+    return tmp, r
+
+
+def test_stream_writes_a_complete_mp4(single_run):
+    tmp, r = single_run
+    out = tmp / "demo.mp4"
     assert "RANDOM weights" in r.stderr
     info = probe(out)
     audio_s = soundfile.info(str(DATA / "speech_16k_mono.wav")).duration
     assert info["fps"] == 25.0
     assert info["video_frames"] == round(audio_s * 25)
     assert info["has_audio"] and abs(info["audio_s"] - info["video_s"]) <= 1 / 25 + 1e-6
-    assert not (tmp_path / "demo.partial.ts").exists() and not (tmp_path / ".demo.mp4.tmp.mp4").exists()
+    assert not (tmp / "demo.partial.ts").exists() and not (tmp / ".demo.mp4.tmp.mp4").exists()
     from safetensors.numpy import load_file
-    lat = load_file(str(tmp_path / "lat.safetensors"))["latents"]
+    lat = load_file(str(tmp / "lat.safetensors"))["latents"]
     assert lat.shape[0] == int(np.ceil((info["video_frames"] + 3) / 12)) and lat.shape[1:3] == (16, 3)
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["blocks"] == lat.shape[0] and summary["frames"] == info["video_frames"]
+
+
+def test_tpp_on_five_simulated_devices_writes_the_same_latents(single_run, tmp_path):
+    tmp, _ = single_run
+    r = run_stream("--image", DATA / "face.png", "--audio", DATA / "speech_16k_mono.wav", "--prompt", "hello",
+                   "--out", tmp_path / "tpp.mp4", "--save_latents", tmp_path / "lat.safetensors",
+                   "--tpp", "--cpu_devices", 5, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from safetensors.numpy import load_file
+    single = load_file(str(tmp / "lat.safetensors"))["latents"]
+    tpp = load_file(str(tmp_path / "lat.safetensors"))["latents"]
+    assert tpp.shape == single.shape
+    assert np.linalg.norm(tpp - single) / np.linalg.norm(single) <= 1e-5
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["devices"] == 5 and summary["per_tick"]["blocks_per_tick_after_fill"] == 1.0
 
 
 def test_sigkill_leaves_every_finished_block_playable(tmp_path):
