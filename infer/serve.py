@@ -2,7 +2,7 @@
 
   python -m infer.serve [--config FILE] [--ckpt_dir DIR] [--host 127.0.0.1] [--port 8080] [--tpp]
       [--max_sessions N] [--cpu_devices N] [--idle_timeout S] [--max_session_s S] [--playout_delay S]
-      [--max_image_mb MB] [--config.key=value ...]
+      [--max_image_mb MB] [--ice_server URL] [--config.key=value ...]
 
 Open http://HOST:PORT/ , pick or upload a face, type a prompt, press Start and speak (or choose an audio file): the
 speech goes to the server as a WebRTC audio track, and the avatar comes back as a 25 fps video track with the same
@@ -44,6 +44,8 @@ def parse_args(argv):
     p.add_argument("--playout_delay", type=float, default=0.1,
                    help="jitter margin in seconds between a block being ready and its first frame being due")
     p.add_argument("--max_image_mb", type=float, default=8.0, help="largest accepted reference image upload")
+    p.add_argument("--ice_server", action="append", default=[], metavar="URL",
+                   help="STUN/TURN server for clients behind NAT (repeatable; default none: no outside traffic)")
     p.add_argument("--seed", type=int, default=None, help="stream seed (default: the config's)")
     args, overrides = p.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--config.")]
@@ -81,7 +83,8 @@ async def serve(args, config, ckpt) -> int:
         log.warning("no --ckpt_dir: serving the embedded default (%s) with RANDOM weights; the video shows the "
                     "pipeline working, not a face", config.get("name", "tiny"))
     options = SessionOptions(seed=int(config.seed), playout_delay_s=args.playout_delay,
-                             idle_timeout_s=args.idle_timeout, max_session_s=args.max_session_s)
+                             idle_timeout_s=args.idle_timeout, max_session_s=args.max_session_s,
+                             ice_servers=tuple(args.ice_server))
     server = AvatarServer(pipe, max_sessions=args.max_sessions, options=options,
                           limits=Limits(max_image_bytes=int(args.max_image_mb * 2**20)))
     runner = web.AppRunner(server.app(), access_log=None)
@@ -124,6 +127,11 @@ def main(argv=None) -> int:
         config, _ = load_config(types.SimpleNamespace(config=args.config, ckpt_dir=args.ckpt_dir, size=None,
                                                       seed=args.seed, steps=None), overrides)
         ckpt = CheckpointFiles.find(args.ckpt_dir) if args.ckpt_dir else None
+        from liveavatar_jax.serve.server import serving_geometry
+        try:
+            serving_geometry(config)
+        except (ValueError, TypeError) as e:
+            raise InputError(f"--config.size={config.size!r}: {e}") from None
     except (InputError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -129,8 +129,18 @@ class Playout:
         self._wake.set()
         self._check_drained()
 
-    def pending_frames(self) -> int:
-        return len(self._frames)
+    def discard(self) -> None:
+        """Ends the stream and drops every frame and speech sample not yet sent (the session is closing)."""
+        self._finished = True
+        self._frames.clear()
+        self._blocks.clear()
+        self._wake.set()
+        self.drained.set()
+
+    def last_due_clock(self) -> float:
+        """Clock time at which the last scheduled frame or speech sample is due (now, when nothing is)."""
+        ends = [b.start_sample + len(b.audio) for b in self._blocks] + [f[0] for f in self._frames]
+        return self.origin + max(ends) / SAMPLE_RATE if ends else self.clock()
 
     def _check_drained(self):
         if self._finished and not self._frames and not self._blocks:

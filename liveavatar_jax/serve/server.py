@@ -243,7 +243,7 @@ class AvatarServer:
         if self.sessions.pop(session.id, None) is not None:
             if session.metrics.state == "failed":
                 self.counters["failed"] += 1
-            self.recent.append(session)
+            self.recent.append(session.to_json())
             log.info("session %s: closed (%s); %d running", session.id, session.metrics.end_reason,
                      len(self.sessions))
 
@@ -264,7 +264,7 @@ class AvatarServer:
                 "device_bytes": int(sum(a.nbytes for a in arrays)),
             },
             "sessions": [s.to_json() for s in self.sessions.values()],
-            "recent": [s.to_json() for s in reversed(self.recent)],
+            "recent": list(reversed(self.recent)),
         })
 
     async def _close_all(self, app=None):

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import jax
 import numpy as np
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from liveavatar_jax.serve.media import (SAMPLE_RATE, AudioIngest, AvatarVideoTrack, Playout, SpeechAudioTrack)
@@ -49,6 +49,9 @@ class SessionOptions:
     idle_timeout_s: float = 5.0         # no audio packet for this long after the first: the connection is gone
     max_session_s: float = 600.0        # then the audio is ended as if the file were over
     drain_grace_s: float = 3.0          # after the last due frame, how long the tracks may take to send it
+    # STUN/TURN URLs for clients behind NAT. Empty by default: aiortc would otherwise ask a public STUN server,
+    # which a local server has no use for.
+    ice_servers: tuple[str, ...] = ()
 
 
 class TimedEngine:
@@ -70,12 +73,23 @@ class TimedEngine:
         self._on_step_start()
         t0 = time.perf_counter()
         state, out = self._inner.step(state, ctx, audio, **kwargs)
-        jax.block_until_ready(out["frames"])
+        jax.block_until_ready(out)      # a pipelined engine's fill ticks return no frames; time them all the same
         self._stages.add_step(time.perf_counter() - t0)
         return state, out
 
     def __getattr__(self, name):
-        return getattr(self._inner, name)
+        attr = getattr(self._inner, name)      # AttributeError keeps `hasattr(engine, "flush")` truthful
+        if name != "flush":
+            return attr
+
+        def flush(state, ctx):
+            t0 = time.perf_counter()
+            state, rest = attr(state, ctx)
+            jax.block_until_ready(rest)
+            for _ in rest:
+                self._stages.add_step((time.perf_counter() - t0) / len(rest))
+            return state, rest
+        return flush
 
 
 class SpeechBuffer:
@@ -108,7 +122,7 @@ class SpeechBuffer:
 
 
 class Session:
-    def __init__(self, pipeline, image, prompt: str, *, options: SessionOptions, on_closed, engine_lock=None):
+    def __init__(self, pipeline, image, prompt: str, *, options: SessionOptions, on_closed):
         self.id = uuid.uuid4().hex[:12]
         self.metrics = SessionMetrics(self.id)
         self.options = options
@@ -117,7 +131,7 @@ class Session:
         self._prompt = prompt
         self._on_closed = on_closed
         self._loop = asyncio.get_running_loop()
-        self.pc = RTCPeerConnection()
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(u) for u in options.ice_servers]))
         self.playout = Playout(pipeline.config.fps, options.playout_delay_s)
         self.video = AvatarVideoTrack(self.playout)
         self.audio_out = SpeechAudioTrack(self.playout)
@@ -131,6 +145,7 @@ class Session:
         self._closing = False
         self.closed = asyncio.Event()
         self._audio_mark: float | None = None        # worker: when the current audio chunk was handed over
+        self._worker_t0 = 0.0
         self.worker = threading.Thread(target=self._work, name=f"liveavatar-session-{self.id}", daemon=True)
 
     # ------------------------------------------------------------------------------------------------ set-up
@@ -190,7 +205,14 @@ class Session:
                 return
             if not self._audio_open:
                 continue
-            samples = self._ingest.push(frame)
+            try:
+                samples = self._ingest.push(frame)
+            except Exception as e:   # an undecodable frame ends this session, not the server
+                log.exception("session %s: incoming audio cannot be resampled", self.id)
+                self.metrics.error = f"incoming audio cannot be resampled: {type(e).__name__}: {e}"
+                self.send_control(type="error", message=f"The server cannot use this audio: {e}")
+                self._spawn(self.close("failed"))
+                return
             now = time.monotonic()
             if self.metrics.first_audio is None:
                 self.metrics.first_audio = now
@@ -224,6 +246,14 @@ class Session:
             self.metrics.update_client(msg)
         else:
             log.warning("session %s: ignored a control message of unknown type %r", self.id, str(kind)[:40])
+
+    async def _flush_control(self, timeout: float = 0.5):
+        """Gives a last control message (why the session ends) time to leave before the connection closes."""
+        channel, deadline = self._channel, time.monotonic() + timeout
+        while channel is not None and channel.readyState == "open" and channel.bufferedAmount > 0 \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)
 
     def send_control(self, **message):
         channel = self._channel
@@ -332,10 +362,7 @@ class Session:
 
     async def _finish_after_drain(self):
         p = self.playout
-        last_due = (p.anchor_sample or 0) / SAMPLE_RATE
-        if p._frames:
-            last_due = p._frames[-1][0] / SAMPLE_RATE
-        budget = max(0.0, p.origin + last_due - p.clock()) + self.options.drain_grace_s
+        budget = max(0.0, p.last_due_clock() - p.clock()) + self.options.drain_grace_s
         try:
             await asyncio.wait_for(p.drained.wait(), timeout=budget)
         except asyncio.TimeoutError:
@@ -369,6 +396,7 @@ class Session:
         m.state = "failed" if reason == "failed" else "ended"
         log.info("session %s: closing (%s)", self.id, reason)
         self.send_control(type="ended", reason=reason, **({"message": m.error} if m.error else {}))
+        await self._flush_control()
         self._audio_open = False
         self._chunks.put(_ABORT)
         self.playout.finish()
@@ -389,8 +417,10 @@ class Session:
         if not m.worker_joined:
             log.error("session %s: the worker thread did not stop within 60 s", self.id)
         m.ended = time.monotonic()
-        self._pipeline = None
-        self._channel = None
+        # Only the metrics outlive the session; frames, speech and queued audio go now.
+        self.playout.discard()
+        self._pipeline = self._channel = self._speech = self._ingest = None
+        self._chunks = queue.Queue()
         self.closed.set()
         self._on_closed(self)
 

@@ -16,7 +16,7 @@ const state = {
   status: 'idle', config: null, sessionId: null, message: null, refusal: null,
   image: { sample: null, file: null },
   pc: null, dc: null, localStream: null, audioCtx: null, audioEl: null, statsTimer: null,
-  startedAt: 0, ttffS: null, serverTtffS: null, framesShown: 0, fps: null, frameTimes: [],
+  startedAt: 0, phases: {}, ttffS: null, serverTtffS: null, framesShown: 0, fps: null, frameTimes: [],
   lateFrames: 0, framesDecoded: 0, framesDropped: 0, avOffsetMs: null, jitterBufferMs: null,
 };
 window.liveavatar = state;
@@ -156,7 +156,7 @@ function gatheringDone(pc, timeoutMs) {
 
 function resetStats() {
   Object.assign(state, {
-    sessionId: null, refusal: null, ttffS: null, serverTtffS: null, framesShown: 0, fps: null, frameTimes: [],
+    sessionId: null, refusal: null, phases: {}, ttffS: null, serverTtffS: null, framesShown: 0, fps: null, frameTimes: [],
     lateFrames: 0, framesDecoded: 0, framesDropped: 0, avOffsetMs: null, jitterBufferMs: null,
   });
   render();
@@ -170,6 +170,7 @@ async function start() {
   state.startedAt = performance.now();
   try {
     const track = await speechTrack();
+    mark('audio_source');
     const pc = new RTCPeerConnection({ iceServers: [] });
     state.pc = pc;
     pc.addTransceiver(track, { direction: 'sendrecv', streams: [state.localStream] });
@@ -185,6 +186,7 @@ async function start() {
     pc.addEventListener('connectionstatechange', () => {
       if (pc !== state.pc) return;
       if (pc.connectionState === 'connected') {
+        mark('connected');
         setStatus('streaming', 'streaming: waiting for the first frame…');
         if (state.audioEl) state.audioEl.play().catch((err) => fail('The audio file cannot be played: ' + err));
       } else if (pc.connectionState === 'failed') {
@@ -193,6 +195,7 @@ async function start() {
     });
     await pc.setLocalDescription(await pc.createOffer());
     await gatheringDone(pc, 3000);
+    mark('offer_ready');
 
     const form = new FormData();
     form.append('type', 'offer');
@@ -213,12 +216,18 @@ async function start() {
       return;
     }
     state.sessionId = body.session_id;
+    mark('answered');
     await pc.setRemoteDescription({ type: body.type, sdp: body.sdp });
     watchFrames(pc);
     state.statsTimer = setInterval(() => pollStats(pc), 1000);
   } catch (err) {
     fail(err && err.message ? err.message : String(err));
   }
+}
+
+// Seconds since Start at which each step of the set-up finished: where the time to first frame goes.
+function mark(phase) {
+  state.phases[phase] = (performance.now() - state.startedAt) / 1000;
 }
 
 function watchFrames(pc) {
