@@ -319,11 +319,13 @@ class Pipeline:
             yield {"index": g, "frames": frames, "latents": np.asarray(out["latents"][0]), "seconds": dt}
 
     def live(self, image, prompt: str, chunks: Iterable[np.ndarray], *, seed: int = 0,
-             total_samples: int | None = None) -> Iterator[dict]:
+             total_samples: int | None = None, lookahead_s: float = 1.5) -> Iterator[dict]:
         """The embedding API: audio arrives in chunks of 16 kHz mono samples; yields per block
         {"index", "frames" uint8 [n, H, W, 3], "audio_span" (start_s, end_s) of the speech these frames show}.
 
-        The reference image (a PIL image or uint8 array) is prepared once at the config's size.
+        The reference image (a PIL image or uint8 array) is prepared once at the config's size. `lookahead_s` is the
+        audio the encoder waits for past a block before encoding it (wav2vec2 context; less starts sooner and
+        departs further from whole-file features, see `StreamingAudioEncoder`).
         """
         if isinstance(image, np.ndarray):
             from PIL import Image
@@ -334,6 +336,7 @@ class Pipeline:
         ctx = self.engine.with_text_kv(StreamContext(text=self.text_context(prompt), ref_latents=ref,
                                                      motion_latents=motion))
         enc = audio_io.StreamingAudioEncoder(self.models.audio, total_samples=total_samples,
+                                             right_context_frames=max(1, int(round(lookahead_s * 50))),
                                              frames_per_block=FRAMES_PER_LATENT * self.stream_cfg.frames_per_block)
         state = self.engine.init(ctx, seed)
         astate = enc.init()
