@@ -200,39 +200,28 @@ def _open_video(path: Path):
     return container
 
 
-def probe_video(path) -> tuple[int, float, int, int]:
-    """(frames, fps, height, width) by decoding the video once (the container's frame count can be missing)."""
+def video_rate(path) -> float:
+    """Nominal frame rate of the video's first video stream."""
     path = Path(path)
     container = _open_video(path)
     try:
         stream = container.streams.video[0]
         fps = float(stream.average_rate or stream.base_rate or stream.guessed_rate or 0)
-        frames, size = 0, None
-        for frame in container.decode(video=0):
-            frames += 1
-            size = size or (frame.height, frame.width)
-    except Exception as e:
-        raise EvalError(f"{path}: decoding failed ({type(e).__name__}: {e})") from None
     finally:
         container.close()
-    if frames == 0:
-        raise EvalError(f"{path}: holds no decodable video frames")
     if fps <= 0:
         raise EvalError(f"{path}: the video stream has no frame rate")
-    return frames, fps, size[0], size[1]
+    return fps
 
 
-def iter_frames(path, limit: int):
+def iter_frames(path):
+    """uint8 [H, W, 3] frames of the first video stream, in order."""
     path = Path(path)
     container = _open_video(path)
     try:
-        for i, frame in enumerate(container.decode(video=0)):
-            if i >= limit:
-                break
+        for frame in container.decode(video=0):
             yield frame.to_ndarray(format="rgb24")
-    except EvalError:
-        raise
-    except Exception as e:
+    except Exception as e:  # PyAV raises many types for damaged streams
         raise EvalError(f"{path}: decoding failed ({type(e).__name__}: {e})") from None
     finally:
         container.close()
@@ -266,54 +255,60 @@ def evaluate(video, audio, image, *, tolerance_s: float = 0.5, max_seconds: floa
     when given, with the per-frame measured and true openings; writes `regions_overlay` to the PNG `overlay`.
     """
     video, audio, image = Path(video), Path(audio), Path(image)
-    frames, fps, height, width = probe_video(video)
+    fps = video_rate(video)
     samples = load_eval_audio(audio)
+    limit = None if max_seconds is None else max(1, int(round(max_seconds * fps)))
     if max_seconds is not None:
-        frames = min(frames, max(1, int(round(max_seconds * fps))))
         samples = samples[:int(round(max_seconds * SAMPLE_RATE))]
+
+    reference = regions = None
+    measured, face_lab, background_lab = [], [], []
+    for i, frame in enumerate(iter_frames(video)):
+        if limit is not None and i >= limit:
+            break
+        if regions is None:
+            # the reference is prepared at the video's size, as the stream prepared it
+            height, width = frame.shape[:2]
+            reference = load_reference(image, height, width)
+            try:
+                regions = locate_regions(reference)
+            except EvalError as e:
+                raise EvalError(f"{image}: {e}") from None
+            if overlay is not None:
+                from PIL import Image
+
+                Image.fromarray(regions_overlay(reference, regions)).save(str(overlay), format="PNG")
+        elif frame.shape[:2] != (height, width):
+            raise EvalError(f"{video}: frame {i} is {frame.shape[1]}x{frame.shape[0]}, the first was {width}x{height}")
+        measured.append(mouth_darkness(frame, regions.mouth))
+        if regions.face.any():
+            face_lab.append(srgb8_to_lab(frame[regions.face]).mean(axis=0))
+        if regions.background.any():
+            background_lab.append(srgb8_to_lab(frame[regions.background]).mean(axis=0))
+    if not measured:
+        raise EvalError(f"{video}: holds no decodable video frames")
+    frames = len(measured)
     video_s, audio_s = frames / fps, len(samples) / SAMPLE_RATE
     if abs(video_s - audio_s) > tolerance_s:
         raise EvalError(f"{audio}: {audio_s:.2f} s of audio does not match the {video_s:.2f} s of {video} "
                         f"(more than {tolerance_s} s apart): give the audio the video was made from"
                         + ("" if max_seconds is not None else ", or --max_seconds for a cut stream"))
-    reference = load_reference(image, height, width)
-    try:
-        regions = locate_regions(reference)
-    except EvalError as e:
-        raise EvalError(f"{image}: {e}") from None
-    if overlay is not None:
-        from PIL import Image
-
-        Image.fromarray(regions_overlay(reference, regions)).save(str(overlay), format="PNG")
+    measured = np.asarray(measured)
     truth = mouth_openings(samples, SAMPLE_RATE, fps, frames)
-
     per_minute = max(1, int(round(60 * fps)))
-    minutes = -(-frames // per_minute)
-    sums = {"face": np.zeros((minutes, 3)), "background": np.zeros((minutes, 3))}
-    counts = np.zeros(minutes)
-    measured = np.zeros(frames)
-    decoded = 0
-    for i, frame in enumerate(iter_frames(video, frames)):
-        if frame.shape[:2] != (height, width):
-            raise EvalError(f"{video}: frame {i} is {frame.shape[1]}x{frame.shape[0]}, the first was {width}x{height}")
-        measured[i] = mouth_darkness(frame, regions.mouth)
-        m = i // per_minute
-        for name, mask in (("face", regions.face), ("background", regions.background)):
-            if mask.any():
-                sums[name][m] += srgb8_to_lab(frame[mask]).mean(axis=0)
-        counts[m] += 1
-        decoded += 1
-    if decoded < frames:
-        raise EvalError(f"{video}: decoded {decoded} frames, expected {frames}")
+    minute_of_frame = np.arange(frames) // per_minute
 
     ref_lab = srgb8_to_lab(reference)
     drift = {"metric": "CIEDE2000"}
     worst = 0.0
-    for name, mask in (("face", regions.face), ("background", regions.background)):
+    for name, mask, per_frame in (("face", regions.face, face_lab), ("background", regions.background,
+                                                                        background_lab)):
         if not mask.any():
             drift[f"{name}_per_minute"] = None
             continue
-        values = delta_e_ciede2000(sums[name] / counts[:, None], ref_lab[mask].mean(axis=0))
+        per_frame = np.asarray(per_frame)
+        means = np.stack([per_frame[minute_of_frame == m].mean(axis=0) for m in range(minute_of_frame[-1] + 1)])
+        values = delta_e_ciede2000(means, ref_lab[mask].mean(axis=0))
         drift[f"{name}_per_minute"] = [round(float(v), 4) for v in values]
         worst = max(worst, float(values.max()))
     drift["max"] = round(worst, 4)

@@ -6,7 +6,7 @@ machine (numpy's PCG64 generator, no system synthesiser). What it makes, from th
 * A speaker: base pitch 85-250 Hz and a vocal-tract scale 0.9-1.2 that multiplies every formant frequency.
 * Phrases of 2-7 words, 1-3 syllables per word, 0-120 ms gaps between words and 250-800 ms pauses between phrases
   (and a short silence at the start). Syllables are (consonant) + vowel + (consonant).
-* Vowels: the first three formants of /a e i o u ae er/ (Peterson & Barney's adult averages), 90-240 ms, stressed
+* Vowels: the first three formants of /a e i o u ae er/ (Peterson & Barney's adult male averages), 90-250 ms, stressed
   syllables 4 dB louder, longer and higher. Voiced consonants (nasals m n, approximants l w j r) are formant targets
   too, quieter; formant tracks glide between targets over 30 ms as real articulators do.
 * Voicing is additive synthesis: every harmonic of the running pitch up to 5 kHz, amplitudes from a -6 dB/octave
@@ -44,7 +44,8 @@ PLOSIVES = {"p": ((500.0, 3000.0), -16.0), "t": ((3000.0, 7000.0), -14.0), "k": 
 
 @dataclasses.dataclass(frozen=True)
 class Segment:
-    """A stretch of the utterance: `kind` is "voiced", "noise" or "silence"."""
+    """A stretch of the utterance: `kind` is "voiced", "noise" or "silence"; "phrase" (no duration) marks the start
+    of a phrase, where the pitch declination restarts."""
     kind: str
     seconds: float
     formants: tuple = (500.0, 1500.0, 2500.0)  # voiced: targets
@@ -95,7 +96,7 @@ def plan_utterance(seconds: float, rng: np.random.Generator, tract: float) -> li
     segments = [Segment("silence", rng.uniform(0.1, 0.4))]
     total = segments[0].seconds
     while total < seconds:
-        for w in range(int(rng.integers(2, 8))):
+        for _ in range(int(rng.integers(2, 8))):
             syllables = int(rng.integers(1, 4))
             stress = int(rng.integers(syllables))
             for s in range(syllables):
@@ -103,7 +104,7 @@ def plan_utterance(seconds: float, rng: np.random.Generator, tract: float) -> li
             if rng.random() < 0.5:
                 segments.append(Segment("silence", rng.uniform(0.0, 0.12)))
         segments.append(Segment("silence", rng.uniform(0.25, 0.8)))
-        segments.append(Segment("silence", 0.0, level_db=-1.0))       # phrase boundary marker: pitch resets
+        segments.append(Segment("phrase", 0.0))
         total = sum(s.seconds for s in segments)
     return segments
 
@@ -122,7 +123,7 @@ def _control_tracks(segments: list[Segment], n_ctrl: int, base_pitch: float, rng
     last_formants = np.array([500.0, 1500.0, 2500.0])
     phrase_start = 0
     for seg in segments:
-        if seg.seconds == 0.0 and seg.level_db == -1.0:
+        if seg.kind == "phrase":
             phrase_start = t
             continue
         n = int(round(seg.seconds * rate))
