@@ -2,6 +2,7 @@
 preprocessing of real video files into examples."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,3 +170,13 @@ def test_preprocess_builds_examples_from_videos(tmp_path):
     with pytest.raises(PreprocessError, match=r"mute.mp4: no audio track"):
         build_dataset([videos / "mute.mp4"], tmp_path / "ds2", encoders, latent_frames=6, height=64, width=128,
                       on_error="raise")
+
+
+def test_preprocess_command_writes_synthetic_examples_for_a_config(tmp_path, capsys):
+    from train.preprocess import main
+
+    assert main(["--out", str(tmp_path / "syn"), "--synthetic", "3", "--like", str(Path(__file__).resolve().parents[1] / "configs" / "distill_tiny.py")]) == 0
+    index = read_index(tmp_path / "syn")
+    assert len(index["examples"]) == 3 and index["spec"]["frames"] == 9
+    assert main(["--out", str(tmp_path / "x"), "--videos", str(tmp_path / "nothing"), "--random_encoders"]) == 2
+    assert "not a folder" in capsys.readouterr().err

@@ -24,16 +24,15 @@ from liveavatar_jax.models.dit import DiTConfig, abstract_model
 XLA_CACHE = Path(tempfile.gettempdir()) / "liveavatar_jax_test_xla_cache"
 
 
-def tiny_config(data_path, **overrides):
-    """The Stage-2 config the distillation tests share (test_train_resume.py uses the same one)."""
+# The Stage-2 setting the distillation tests share (test_train_resume.py passes the same values on the command line,
+# so its subprocesses find these programs in the on-disk compilation cache).
+TINY_OVERRIDES = {"data.batch_size": 4, "mesh.fsdp": 4, "compilation_cache": str(XLA_CACHE), "total_steps": 6,
+                  "checkpoint_every": 2}
+
+
+def tiny_config(data_path):
     c = distill_tiny.get_config()
-    c.data.path = str(data_path)
-    c.data.batch_size = 4
-    c.mesh.fsdp = 4
-    c.compilation_cache = str(XLA_CACHE)
-    c.total_steps = 6
-    c.checkpoint_every = 2
-    for k, v in overrides.items():
+    for k, v in {**TINY_OVERRIDES, "data.path": str(data_path)}.items():
         node = c
         *head, last = k.split(".")
         for h in head:
@@ -176,6 +175,31 @@ def test_non_exit_forwards_carry_no_gradient_and_blockwise_equals_full(trainer, 
     assert abs(predicted - actual) < 1e-5 * magnitude, (predicted, actual, magnitude)
 
 
+def test_rollout_exiting_at_the_last_step_is_the_inference_stream(trainer, batch):
+    """With the exit at the last step the student's training rollout is the streaming engine's output for the same
+    noise and rolling-sink draws: per-step rings, Euler updates, no clean refresh (History Corrupt), ring wrap-around
+    (2-block ring, 3 blocks)."""
+    from liveavatar_jax.streaming.engine import StreamConfig, StreamContext, StreamEngine, split_audio_blocks
+
+    net, rcfg, base = trainer.networks, trainer.rcfg, trainer.base
+    gen = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(5), a.shape), trainer.state.gen)
+    plan = make_plan(jax.random.key(6), rcfg, 4, 16, 8, 16, exit_step=rcfg.steps - 1)
+    video = trainer.rollout_fn(gen, base, batch, plan).video
+
+    host = jax.device_get((gen, base, batch))
+    model = net.adapted(*host[:2])
+    engine = StreamEngine(model, StreamConfig(steps=rcfg.steps, shift=rcfg.shift, frames_per_block=3,
+                                              ring_blocks=rcfg.ring_blocks, sink_replace_block=None,
+                                              rolling_sink=True, relative_dist=rcfg.relative_dist))
+    ctx = StreamContext(text=model.embed_text(host[2]["text"]), ref_latents=host[2]["ref_latents"],
+                        motion_latents=host[2]["motion_latents"])
+    _, out = engine.run(engine.init(ctx, 0), ctx, split_audio_blocks(host[2]["audio"], 3),
+                        noise=jax.device_get(plan.noise), dists=jax.device_get(plan.dists))
+    stream = jnp.moveaxis(out["latents"], 0, 2).reshape(video.shape)      # [blocks, B, C, 3, h, w] -> clip
+    err = float(jnp.linalg.norm(stream - video) / jnp.linalg.norm(stream))
+    assert err < 1e-5, err
+
+
 def test_lora_targets_match_liveavatar_at_14b():
     """448 adapted Linears (self/cross q, k, v, o and ffn.0/ffn.2 of 40 blocks, q, k, v, o of 12 audio injectors),
     676,331,520 adapter parameters at rank 128 (training.md 7.3)."""
@@ -183,6 +207,42 @@ def test_lora_targets_match_liveavatar_at_14b():
     assert lora_lib.count(net.lora_template) == 676_331_520
     layers = sum(leaf.shape[0] for path, leaf in _leaves(net.lora_template) if path.endswith("lora_a"))
     assert layers == 448
+
+
+def test_14b_config_traces_every_stage_2_program():
+    """configs/distill_14b.py, abstractly (no memory, no compile): the rollout, the DMD direction, the blockwise
+    generator gradient and the critic update of the 14B student/teacher/critic at 704x384, 7 blocks."""
+    from configs import distill_14b
+    from liveavatar_jax.distill import train_state as ts
+    from liveavatar_jax.distill.rollout import RolloutConfig
+    from liveavatar_jax.distill.trainer import example_spec, model_config
+
+    c = distill_14b.get_config()
+    net = lora_lib.build_networks(abstract_model(model_config(c)), lora_lib.LoRAConfig.from_dict(c.lora),
+                                  abstract=True)
+    rcfg = RolloutConfig.from_dict({**c.distill.rollout.to_dict(), "remat": c.remat})
+    dcfg = steps.DMDConfig.from_dict({**c.distill.dmd.to_dict(), "remat": c.remat})
+    spec = example_spec(c)
+    S = jax.ShapeDtypeStruct
+    batch = {"text": S((1, spec.text_len, spec.text_dim), jnp.float32),
+             "audio": S((1, spec.audio_layers, spec.audio_dim, 4 * spec.frames), jnp.float32),
+             "ref_latents": S((1, 16, 1, spec.height, spec.width), jnp.float32),
+             "motion_latents": S((1, 16, spec.motion_frames, spec.height, spec.width), jnp.float32)}
+    lora = net.abstract_lora()
+    tx = ts.make_optimizer(c.distill.critic_optimizer)
+    key = jax.random.key(0)
+    plan = jax.eval_shape(lambda b: steps.draw_plan(rcfg, b, key), batch)
+    result = jax.eval_shape(lambda *a: steps.generate(net, rcfg, *a), lora, net.base, batch, plan)
+    assert result.video.shape == (1, 16, 21, 88, 48) and result.exit_inputs.dtype == jnp.bfloat16
+    direction, _ = jax.eval_shape(lambda *a: steps.dmd_direction(net, *a, dcfg), lora, net.base, result.video, key,
+                                  steps.conditions(batch), S((spec.text_len, spec.text_dim), jnp.float32))
+    _, grads = jax.eval_shape(lambda *a: steps.generator_grads(net, rcfg, dcfg, *a), lora, net.base, batch, plan,
+                              result, direction)
+    assert jax.tree.structure(grads) == jax.tree.structure(lora)
+    state = jax.eval_shape(lambda g: ts.init_distill_state(g, g, tx, tx, 0), lora)
+    new_state, _ = jax.eval_shape(lambda *a: steps.critic_update(net, dcfg, tx, *a, key), state, net.base, batch,
+                                  result.video)
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
 
 
 def test_adapters_export_to_the_peft_layout_the_inference_loader_merges(tmp_path, trainer):

@@ -67,6 +67,21 @@ def test_block_causal_clip_equals_the_streaming_rollout(model, clip, block_causa
     assert err < 2e-5, err
 
 
+def test_training_block_step_is_the_inference_block_forward(model, clip):
+    """The rollout's per-step forward (with per-layer remat) computes bit for bit what inference computes."""
+    text = model.embed_text(clip["context"])
+    sink = model.sink_prefill(clip["ref"], clip["motion"], text)
+    rng = np.random.default_rng(1)
+    ring = RingCache(k=jnp.asarray(rng.standard_normal((2, 1, 6 * 32, 2, 32)), jnp.float32),
+                     v=jnp.asarray(rng.standard_normal((2, 1, 6 * 32, 2, 32)), jnp.float32))
+    args = (clip["x"][:, :, :3], jnp.asarray([857.7]), text, clip["audio"][..., :12], ring, sink, 9, 23)
+    v_ref, ring_ref = jax.jit(model.block_forward)(*args)
+    v, new_ring = jax.jit(lambda *a: dit_sequence.block_step(model, *a, remat="dots_saveable"))(*args)
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(v_ref))
+    np.testing.assert_array_equal(np.asarray(new_ring.k), np.asarray(ring_ref.k))
+    np.testing.assert_array_equal(np.asarray(new_ring.v), np.asarray(ring_ref.v))
+
+
 def test_block_causal_blocks_never_see_later_blocks(clip, block_causal):
     base = block_causal(clip["x"])
     moved = block_causal(clip["x"].at[:, :, 6:].add(3.0))
@@ -82,6 +97,34 @@ def test_noise_levels_are_drawn_per_block_on_the_shifted_training_grid():
     assert len(np.unique(blocks[..., 0])) > 200                  # independent across blocks and samples
     grid = 5 * (1 - np.arange(1000) / 1000) / (1 + 4 * (1 - np.arange(1000) / 1000))
     assert np.all(np.min(np.abs(blocks[..., :1] - grid), axis=-1) < 1e-6)
+
+
+def test_14b_config_traces_the_stage_1_step():
+    """configs/pretrain_14b.py, abstractly: the diffusion-forcing gradient of the 14B student at 704x384, 21 frames."""
+    from configs import pretrain_14b
+    from liveavatar_jax.distill import lora as lora_lib
+    from liveavatar_jax.distill import steps
+    from liveavatar_jax.distill import train_state as ts
+    from liveavatar_jax.distill.trainer import example_spec, model_config
+    from liveavatar_jax.models.dit import abstract_model
+
+    c = pretrain_14b.get_config()
+    net = lora_lib.build_networks(abstract_model(model_config(c)), lora_lib.LoRAConfig.from_dict(c.lora),
+                                  abstract=True)
+    pcfg = steps.PretrainConfig.from_dict({**c.pretrain.to_dict(), "remat": c.remat})
+    spec = example_spec(c)
+    S = jax.ShapeDtypeStruct
+    batch = {"latents": S((1, 16, spec.frames, spec.height, spec.width), jnp.float32),
+             "text": S((1, spec.text_len, spec.text_dim), jnp.float32),
+             "audio": S((1, spec.audio_layers, spec.audio_dim, 4 * spec.frames), jnp.float32),
+             "ref_latents": S((1, 16, 1, spec.height, spec.width), jnp.float32),
+             "motion_latents": S((1, 16, spec.motion_frames, spec.height, spec.width), jnp.float32)}
+    tx = ts.make_optimizer(c.optimizer)
+    state = jax.eval_shape(lambda lora: ts.init_pretrain_state(lora, tx, 0), net.abstract_lora())
+    new_state, metrics = jax.eval_shape(lambda *a: steps.pretrain_step(net, tx, pcfg, 0.99, 0, *a), state, net.base,
+                                        batch)
+    assert jax.tree.structure(new_state) == jax.tree.structure(state) and metrics["loss"].shape == ()
+    assert new_state.opt[1][0].mu["blocks"]["ffn_in"]["lora_a"].dtype == jnp.bfloat16     # mu_dtype from the config
 
 
 def tiny_config(data, workdir_name="", **overrides):

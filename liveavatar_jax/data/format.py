@@ -8,7 +8,7 @@ A dataset is a folder:
       negative_text.safetensors     text [L, text_dim]: the negative-prompt context of the teacher's null branch
       examples/<id>.safetensors     one clip per file
 
-Every example file holds five float tensors (float32 or bfloat16) and string metadata:
+Every example file holds six float tensors (float32 or bfloat16) and string metadata:
 
     latents         [16, F, h, w]         normalised VAE latents of the clip (F = blocks x 3 latent frames)
     audio           [A_l, A_c, 4F]        wav2vec2 hidden states (all A_l layers) at the video frame rate, one per
@@ -16,7 +16,10 @@ Every example file holds five float tensors (float32 or bfloat16) and string met
                                           takes; 4 video frames per latent frame)
     text            [L, text_dim]         umT5 context of the caption, L <= text_len (not padded)
     ref_latents     [16, 1, h, w]         the reference (sink) image latent
-    motion_latents  [16, M, h, w]         latents of the motion frames that precede the clip (FramePack input)
+    motion_latents  [16, M, h, w]         latents of the motion frames that precede the clip (FramePack input;
+                                          Stage 1 noises them into its scaffold)
+    static_motion_latents [16, M, h, w]   latents of the reference image repeated over the motion frames: what
+                                          the released inference feeds the FramePack tokens (Stage 2's default)
     __metadata__    {"id", "source", "caption", "fps", "start_frame"} (strings)
 
 `spec` fixes the shapes every example must have (`ExampleSpec`); an example that does not match it, cannot be read, or
@@ -37,7 +40,7 @@ import numpy as np
 FORMAT = "liveavatar-train-v1"
 INDEX = "index.json"
 NEGATIVE_TEXT = "negative_text.safetensors"
-FIELDS = ("latents", "audio", "text", "ref_latents", "motion_latents")
+FIELDS = ("latents", "audio", "text", "ref_latents", "motion_latents", "static_motion_latents")
 
 
 class DatasetError(ValueError):
@@ -61,7 +64,8 @@ class ExampleSpec:
         c, f, h, w = self.channels, self.frames, self.height, self.width
         return {"latents": (c, f, h, w), "audio": (self.audio_layers, self.audio_dim, 4 * f),
                 "text": (None, self.text_dim), "ref_latents": (c, 1, h, w),
-                "motion_latents": (c, self.motion_frames, h, w)}
+                "motion_latents": (c, self.motion_frames, h, w),
+                "static_motion_latents": (c, self.motion_frames, h, w)}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "ExampleSpec":

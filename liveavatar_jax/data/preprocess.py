@@ -7,6 +7,8 @@ For every video (and for every window of it, `stride` video frames apart):
     latents        the VAE encodes [73 motion frames | 4F clip frames] as one causal stream -> 19 + F latents; the
                    first 19 are `motion_latents`, the last F the clip's `latents` (as the clip continues its motion)
     ref_latents    the clip's first frame (or a random frame of the video) encoded alone: one first-frame latent
+    static_motion_latents   that reference frame repeated over the 73 motion frames and encoded (the motion input
+                   the released inference builds from the reference image)
     audio          the track decoded with PyAV, wav2vec2 hidden states bucketed to one vector per video frame
                    (`io.audio.encode_audio`, the official chain), the clip's 4F frames
     text           umT5 context of the caption in `<video stem>.txt` beside the video, else `default_prompt`
@@ -44,7 +46,8 @@ def random_example(spec: ExampleSpec, rng: np.random.Generator, scale: float = 1
             "audio": scale * rng.standard_normal((spec.audio_layers, spec.audio_dim, 4 * f)),
             "text": scale * rng.standard_normal((length, spec.text_dim)),
             "ref_latents": scale * rng.standard_normal((c, 1, h, w)),
-            "motion_latents": scale * rng.standard_normal((c, spec.motion_frames, h, w))}
+            "motion_latents": scale * rng.standard_normal((c, spec.motion_frames, h, w)),
+            "static_motion_latents": scale * rng.standard_normal((c, spec.motion_frames, h, w))}
 
 
 def write_random_dataset(root, spec: ExampleSpec, count: int, seed: int = 0, scale: float = 1.0) -> Path:
@@ -159,15 +162,17 @@ def load_encoders(ckpt_dir=None, dtype: str = "float32") -> Encoders:
 
 def encode_clip(encoders: Encoders, frames: np.ndarray, audio_emb: np.ndarray, start: int, clip_frames: int,
                 ref_index: int) -> dict[str, np.ndarray]:
-    """The latents, motion latents, reference latent and audio of the clip at video frame `start`."""
+    """The latents, motion latents, reference latent, static motion latents and audio of the clip at `start`."""
     motion = MOTION_VIDEO_FRAMES
     window = frames[start - motion: start + clip_frames]                      # [73 + 4F, 3, H, W]
     latents = np.asarray(encoders.vae.encode(np.ascontiguousarray(window.transpose(1, 0, 2, 3))), np.float32)
     n_motion = 1 + (motion - 1) // 4
     ref = np.asarray(encoders.vae.encode(frames[ref_index][:, None]), np.float32)
+    static = np.repeat(frames[ref_index][:, None], motion, axis=1)
+    static = np.asarray(encoders.vae.encode(np.ascontiguousarray(static)), np.float32)
     audio = np.asarray(audio_emb[..., start: start + clip_frames], np.float32)
     return {"latents": latents[:, n_motion:], "motion_latents": latents[:, :n_motion], "ref_latents": ref,
-            "audio": audio}
+            "static_motion_latents": static, "audio": audio}
 
 
 def build_dataset(videos: Sequence[Path] | Path, out, encoders: Encoders, *, latent_frames: int = 21,

@@ -25,8 +25,9 @@ import orbax.checkpoint as ocp
 log = logging.getLogger("liveavatar_jax.train")
 
 # Keys that may differ between a checkpoint's config and the resuming run's config (dotted prefixes).
+# (Not data.worker_count: grain's saved iterator position is only valid for the same number of workers.)
 RESUME_FREE_KEYS = ("total_steps", "checkpoint_every", "keep_checkpoints", "async_checkpointing", "log_every",
-                    "tensorboard", "mesh", "compilation_cache", "data.worker_count", "export_lora")
+                    "tensorboard", "mesh", "compilation_cache", "export_lora")
 
 
 class ConfigMismatchError(ValueError):

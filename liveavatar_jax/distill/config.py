@@ -79,11 +79,12 @@ def distill(model, blocks: int, height: int, width: int) -> ml_collections.Confi
     c.distill = ml_collections.ConfigDict()
     d = c.distill
     d.generator_every = 5
+    d.motion = "static"                # FramePack input: the reference repeated (as at inference) or "clip" frames
     d.init_student = ""                # Stage-1 workdir / checkpoints folder, or a PEFT LoRA safetensors file
     d.init_student_item = "ema"        # which Stage-1 item seeds the student: "ema" or "lora"
     d.rollout = ml_collections.ConfigDict(dict(
-        num_blocks=blocks, frames_per_block=3, ring_blocks=4, steps=4, shift=3.0, update="euler", rolling_sink=True,
-        relative_dist=(4, 30)))
+        num_blocks=blocks, frames_per_block=3, ring_blocks=4, steps=4, shift=3.0, update="euler", cache="per_step",
+        rolling_sink=True, relative_dist=(4, 30)))
     d.dmd = ml_collections.ConfigDict(dict(guidance=3.0, timestep_shift=5.0, min_t=20.0, max_t=980.0,
                                            gradient="blockwise"))
     d.generator_optimizer = optimizer(1e-5, b1=0.0, weight_decay=0.0, clip_norm=10.0)

@@ -1,20 +1,25 @@
-"""The Stage-2 student rollout: Self-Forcing with History Corrupt and timestep forcing (training.md 3.2, 8.2, 8.3).
+"""The Stage-2 student rollout: Self-Forcing with History Corrupt and timestep forcing (training.md 3.2-3.4, 8.2, 8.3).
 
-The causal student generates a clip block by block, exactly as the streaming engine does at inference: a sink prefill
-(reference + motion tokens at t = 0, no gradient), then for every block `lax.scan` carries one `RingCache` and runs
-the denoising steps with `dit_sequence.block_step` (the inference `block_forward` with remat). One exit step `s` is
-drawn per iteration and shared by all blocks:
+The causal student generates a clip block by block exactly as the streaming engine does at inference: a sink prefill
+(reference + motion tokens at t = 0, no gradient), then a `lax.scan` over blocks that carries the KV rings and runs the
+denoising steps with `dit_sequence.block_step` (the inference `block_forward`, with remat). One exit step `s` is drawn
+per iteration and shared by all blocks:
 
 * steps `j < s` run without gradient (the adapters pass through `stop_gradient`) and move the block from sigma_j to
   sigma_{j+1}, by the inference Euler step or by re-noising the x0 guess with fresh noise (`update`);
 * step `s` is the only forward that carries gradient; its x0 guess is the block's output;
-* there is no clean refresh pass: the ring keeps the keys and values the exit forward wrote (History Corrupt), detached
-  with `stop_gradient`, so the next block's history sits at noise level t_s (timestep forcing) and no gradient flows
-  from block to block.
+* there is no clean refresh pass (History Corrupt): the keys and values a step writes stay in the ring as they are,
+  noisy, detached with `stop_gradient`, so no gradient flows from block to block.
+
+`cache` chooses the rings. `"per_step"` (default) keeps one ring per denoising step, as the inference engine and TPP
+do: step j of every block attends to the earlier blocks' step-j keys, at its own noise level (timestep forcing); with
+the exit at the last step the rollout reproduces the engine's stream exactly (tested). `"exit"` keeps the single ring
+of the paper's Alg. 1, which holds each block's exit-step keys, so non-exit steps see history at t_s (T times less
+ring memory). In both, the exit forward of block b sees the earlier blocks' exit-step keys.
 
 Because history is detached, the generator gradient is a sum of per-block vector-Jacobian products. `exit_vjp`
 computes it that way (Phase C of training.md 8.3): given the exit inputs recorded by a gradient-free rollout and the
-loss cotangent of each block, it rebuilds the ring block by block and pulls the cotangent back through one block's
+loss cotangent of each block, it rebuilds the exit ring block by block and pulls the cotangent back through one block's
 exit forward at a time, so peak memory is one block's backward however long the clip. `rollout(..., grad=True)` is the
 direct form, differentiable end to end; tests hold the two equal.
 """
@@ -35,6 +40,7 @@ from liveavatar_jax.sampling.flow_match import euler_step, flow_match_schedule
 from liveavatar_jax.streaming.caches import RingCache
 
 UPDATES = ("euler", "renoise")
+CACHES = ("per_step", "exit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +51,8 @@ class RolloutConfig:
     steps: int = 4                      # denoising steps (the exit step is drawn from 0..steps-1)
     shift: float = 3.0                  # step list of the released sampler: t = 1000, 857.7, 602.2, 8.9
     update: str = "euler"               # "euler" (released inference) or "renoise" (paper Alg. 1)
+    cache: str = "per_step"             # "per_step": one ring per denoising step, as inference and TPP keep them;
+                                        # "exit": one ring holding the exit step's keys (paper Alg. 1)
     rolling_sink: bool = True
     relative_dist: tuple[int, int] = (4, 30)   # inclusive range of the rolling-sink distance, drawn per forward
     remat: str = "none"
@@ -53,6 +61,8 @@ class RolloutConfig:
     def __post_init__(self):
         if self.update not in UPDATES:
             raise ValueError(f"rollout update must be one of {UPDATES}, got {self.update!r}")
+        if self.cache not in CACHES:
+            raise ValueError(f"rollout cache must be one of {CACHES}, got {self.cache!r}")
         if self.ring_blocks < 1 or self.num_blocks < 1 or self.steps < 1:
             raise ValueError("num_blocks, ring_blocks and steps must be positive")
 
@@ -131,6 +141,14 @@ def _empty_ring(networks: Networks, cfg: RolloutConfig, batch: int, h: int, w: i
                            mc.head_dim, mc.jnp_dtype)
 
 
+def _ring_at(rings: RingCache, i):
+    return RingCache(k=rings.k[i], v=rings.v[i])
+
+
+def _ring_put(rings: RingCache, i, ring: RingCache) -> RingCache:
+    return RingCache(k=rings.k.at[i].set(ring.k), v=rings.v.at[i].set(ring.v))
+
+
 def rollout(networks: Networks, lora, base, cond: Mapping, plan: RolloutPlan, cfg: RolloutConfig, *,
             grad: bool = False, nonexit_lora=None) -> Rollout:
     """Generates a clip with the student `base + lora`.
@@ -145,14 +163,15 @@ def rollout(networks: Networks, lora, base, cond: Mapping, plan: RolloutPlan, cf
     dt = networks.model_cfg.jnp_dtype
     ref, motion = cond["ref_latents"], cond["motion_latents"]
     b, _, _, h, w = ref.shape
-    if grad:
-        exit_model = networks.adapted(lora, base)
-        exit_text = exit_model.embed_text(cond["text"])
     frozen_text = jax.lax.stop_gradient(frozen_model.embed_text(cond["text"]))
     sink = jax.lax.stop_gradient(frozen_model.sink_prefill(ref, motion, frozen_text))
     s = plan.exit_step
     steps = cfg.steps
     fwd = dict(remat=cfg.remat, attention_impl=cfg.attention_impl)
+    per_step = cfg.cache == "per_step"
+
+    def ring_of(j):
+        return j if per_step else 0
 
     def advance(j, x, v, renoise):
         if cfg.update == "euler":
@@ -160,56 +179,64 @@ def rollout(networks: Networks, lora, base, cond: Mapping, plan: RolloutPlan, cf
         x0 = x.astype(jnp.float32) - sigmas[j] * v.astype(jnp.float32)
         return ((1 - sigmas[j + 1]) * x0 + sigmas[j + 1] * renoise[j]).astype(x.dtype)
 
-    def block_no_grad(ring, xs):
-        # One traced forward serves every step: steps after the exit are skipped, the exit step records its input
-        # and x0 guess, and the ring keeps what the last executed (exit) forward wrote.
+    def frozen_step(j, x, rings, first_frame, audio, dists):
+        v, ring = dit_sequence.block_step(frozen_model, x, jnp.full((b,), timesteps[j]), frozen_text, audio,
+                                          _ring_at(rings, ring_of(j)), sink, first_frame, dists[j], **fwd)
+        return v, _ring_put(rings, ring_of(j), ring)
+
+    def block_no_grad(rings, xs):
+        # One traced forward serves every step: steps after the exit are skipped and the exit step records its input
+        # and x0 guess. The exit forward's keys are the last written to the exit step's ring.
         index, noise, renoise, audio, dists = xs
         first_frame = index * cfg.frames_per_block
+        audio = jax.lax.stop_gradient(frozen_model.encode_audio(audio))    # shared by the block's steps
 
         def step(j, state):
             def run(state):
-                x, ring, x0, x_in = state
-                v, ring = dit_sequence.block_step(frozen_model, x, jnp.full((b,), timesteps[j]), frozen_text, audio,
-                                                  ring, sink, first_frame, dists[j], **fwd)
+                x, rings, x0, x_in = state
+                v, rings = frozen_step(j, x, rings, first_frame, audio, dists)
                 guess = x.astype(jnp.float32) - sigmas[j] * v.astype(jnp.float32)
                 exiting = j == s
-                x_next = advance(j, x, v, renoise)
-                return (jnp.where(exiting, x, x_next), ring, jnp.where(exiting, guess, x0),
+                return (jnp.where(exiting, x, advance(j, x, v, renoise)), rings, jnp.where(exiting, guess, x0),
                         jnp.where(exiting, x, x_in))
             return jax.lax.cond(j <= s, run, lambda st: st, state)
 
         x = noise.astype(dt)
-        _, ring, x0, x_in = jax.lax.fori_loop(0, steps, step, (x, ring, jnp.zeros(x.shape, jnp.float32), x))
-        return ring, (x0, x_in)
+        _, rings, x0, x_in = jax.lax.fori_loop(0, steps, step, (x, rings, jnp.zeros(x.shape, jnp.float32), x))
+        return rings, (x0, x_in)
 
-    def block_grad(ring, xs):
-        index, noise, renoise, audio, dists = xs
+    if grad:
+        exit_model = networks.adapted(lora, base)
+        exit_text = exit_model.embed_text(cond["text"])
+
+    def block_grad(rings, xs):
+        index, noise, renoise, raw_audio, dists = xs
         first_frame = index * cfg.frames_per_block
+        audio = jax.lax.stop_gradient(frozen_model.encode_audio(raw_audio))
 
         def maybe_denoise(j, state):
             def run(state):
-                x, ring = state
-                v, ring = dit_sequence.block_step(frozen_model, x, jnp.full((b,), timesteps[j]), frozen_text, audio,
-                                                  ring, sink, first_frame, dists[j], **fwd)
-                return advance(j, x, v, renoise), ring
+                x, rings = state
+                v, rings = frozen_step(j, x, rings, first_frame, audio, dists)
+                return advance(j, x, v, renoise), rings
             return jax.lax.cond(j < s, run, lambda st: st, state)
 
-        x, ring = noise.astype(dt), ring
+        x = noise.astype(dt)
         if steps > 1:
-            x, ring = jax.lax.fori_loop(0, steps - 1, maybe_denoise, (x, ring))
+            x, rings = jax.lax.fori_loop(0, steps - 1, maybe_denoise, (x, rings))
         x = jax.lax.stop_gradient(x)
-        v, ring = dit_sequence.block_step(exit_model, x, jnp.full((b,), timesteps[s]), exit_text, audio, ring, sink,
-                                          first_frame, dists[s], **fwd)
+        v, ring = dit_sequence.block_step(exit_model, x, jnp.full((b,), timesteps[s]), exit_text, raw_audio,
+                                          _ring_at(rings, ring_of(s)), sink, first_frame, dists[s], **fwd)
         x0 = x.astype(jnp.float32) - sigmas[s] * v.astype(jnp.float32)
-        return jax.lax.stop_gradient(ring), (x0, x)
-
-    block = block_grad if grad else block_no_grad
+        return _ring_put(rings, ring_of(s), jax.lax.stop_gradient(ring)), (x0, x)
 
     ring = _empty_ring(networks, cfg, b, h, w)
+    n_rings = steps if per_step else 1
+    rings = jax.tree.map(lambda a: jnp.broadcast_to(a, (n_rings, *a.shape)), ring)
     xs = (jnp.arange(cfg.num_blocks, dtype=jnp.int32), plan.noise,
           plan.renoise if cfg.update == "renoise" else jnp.zeros((cfg.num_blocks, 0)),
           audio_blocks(cond["audio"], cfg), plan.dists)
-    _, (x0s, inputs) = jax.lax.scan(block, ring, xs)
+    _, (x0s, inputs) = jax.lax.scan(block_grad if grad else block_no_grad, rings, xs)
     return Rollout(video=_blocks_to_video(x0s), exit_inputs=inputs, sink=sink)
 
 

@@ -154,8 +154,11 @@ class _Trainer:
         batch = next(self.data)
         self.skipped += int(np.sum(batch["skipped"]))
         ids = [self.example_ids[int(i)] for i in batch["index"]]
-        arrays = {k: v for k, v in batch.items() if k not in ("index", "skipped")}
+        arrays = self.select_fields({k: v for k, v in batch.items() if k not in ("index", "skipped")})
         return ts.shard_batch(arrays, self.mesh), ids
+
+    def select_fields(self, arrays: dict) -> dict:
+        return arrays
 
     def check_finite(self, step: int, metrics: Mapping, ids, names=("loss",)):
         for name in names:
@@ -205,6 +208,7 @@ class _Trainer:
 class PretrainTrainer(_Trainer):
     stage = "pretrain"
     item_names = ("lora", "opt", "ema")
+    fields = tuple(f for f in FIELDS if f != "static_motion_latents")
 
     def __init__(self, config, workdir, mesh=None):
         super().__init__(config, workdir, mesh)
@@ -282,6 +286,14 @@ class DistillTrainer(_Trainer):
     item_names = ("gen", "critic", "ema", "gen_opt", "critic_opt")
     fields = tuple(f for f in FIELDS if f != "latents")
 
+    def select_fields(self, arrays: dict) -> dict:
+        """The student, teacher and critic all see `distill.motion`'s motion latents: "static" (the reference image
+        over the motion frames, as the released inference feeds them) or "clip" (the frames before the clip)."""
+        static = arrays.pop("static_motion_latents")
+        if self.config.distill.motion == "static":
+            arrays["motion_latents"] = static
+        return arrays
+
     def __init__(self, config, workdir, mesh=None):
         super().__init__(config, workdir, mesh)
         c = config
@@ -291,6 +303,8 @@ class DistillTrainer(_Trainer):
         self.dcfg = steps_lib.DMDConfig.from_dict({**d.dmd.to_dict(), "ema_decay": c.ema.decay,
                                                    "ema_start": c.ema.start_step, "remat": c.remat,
                                                    "attention_impl": c.attention_impl})
+        if d.motion not in ("static", "clip"):
+            raise ValueError(f"distill.motion must be 'static' or 'clip', got {d.motion!r}")
         if self.spec.frames != self.rcfg.num_frames:
             raise ValueError(f"data.spec.frames {self.spec.frames} differs from the rollout length "
                              f"{self.rcfg.num_blocks} x {self.rcfg.frames_per_block} = {self.rcfg.num_frames}")

@@ -222,8 +222,9 @@ def block_step(model: CausalS2VDiT, x, t, text, audio, cache: RingCache, sink: S
                relative_dist, *, remat: str | None = None, attention_impl: str | None = None, cond_states=None):
     """One denoising step of one block against this step's ring: `CausalS2VDiT.block_forward` with remat.
 
-    x [B, 16, F, h, w]; t [B] or [B, F]; text [B, text_len, D]; audio [B, layers, C_a, 4F]; first_frame: global
-    latent index of the block's first frame; relative_dist: the rolling-sink distance of this call.
+    x [B, 16, F, h, w]; t [B] or [B, F]; text [B, text_len, D]; audio [B, layers, C_a, 4F], or its
+    `encode_audio` output (the steps of a block share it); first_frame: global latent index of the block's first
+    frame; relative_dist: the rolling-sink distance of this call.
     Returns (velocity [B, 16, F, h, w], ring with this block's keys and values written at its slot).
     """
     cfg = model.cfg
@@ -233,7 +234,7 @@ def block_step(model: CausalS2VDiT, x, t, text, audio, cache: RingCache, sink: S
     t = jnp.asarray(t, jnp.float32)
     t = jnp.broadcast_to(t[:, None] if t.ndim == 1 else t, (b, f))
     e, e0 = model.time_embed(t)
-    audio_tokens, audio_global = model.encode_audio(audio)
+    audio_tokens, audio_global = audio if isinstance(audio, tuple) else model.encode_audio(audio)
 
     first_frame = jnp.asarray(first_frame, jnp.int32)
     block_tab = model.block_table(first_frame, f, h, w)
