@@ -14,7 +14,6 @@ def get_config():
     c.lora.alpha = 4.0
     c.data.batch_size = 2
     c.distill.rollout.ring_blocks = 2    # the ring wraps inside the 3-block clip, as in long streams
-    c.distill.generator_every = 2
     c.distill.generator_optimizer.lr = 1e-3
     c.distill.critic_optimizer.lr = 1e-3
     c.mesh.fsdp = 1

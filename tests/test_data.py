@@ -152,6 +152,12 @@ def test_clip_windows_leave_room_for_the_motion_frames():
 
 
 def test_preprocess_builds_examples_from_videos(tmp_path):
+    import tempfile
+
+    import jax
+
+    # the encoders' programs go to the on-disk cache the training tests use
+    jax.config.update("jax_compilation_cache_dir", str(Path(tempfile.gettempdir()) / "liveavatar_jax_test_xla_cache"))
     videos = tmp_path / "videos"
     videos.mkdir()
     _write_video(videos / "talk.mp4", frames=73 + 24 + 3)

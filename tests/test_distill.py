@@ -203,7 +203,7 @@ def test_rollout_exiting_at_the_last_step_is_the_inference_stream(trainer, batch
 def test_lora_targets_match_liveavatar_at_14b():
     """448 adapted Linears (self/cross q, k, v, o and ffn.0/ffn.2 of 40 blocks, q, k, v, o of 12 audio injectors),
     676,331,520 adapter parameters at rank 128 (training.md 7.3)."""
-    net = lora_lib.build_networks(abstract_model(DiTConfig()), lora_lib.LoRAConfig(), abstract=True)
+    net = lora_lib.build_networks(abstract_model(DiTConfig()), lora_lib.LoRAConfig())
     assert lora_lib.count(net.lora_template) == 676_331_520
     layers = sum(leaf.shape[0] for path, leaf in _leaves(net.lora_template) if path.endswith("lora_a"))
     assert layers == 448
@@ -218,8 +218,7 @@ def test_14b_config_traces_every_stage_2_program():
     from liveavatar_jax.distill.trainer import example_spec, model_config
 
     c = distill_14b.get_config()
-    net = lora_lib.build_networks(abstract_model(model_config(c)), lora_lib.LoRAConfig.from_dict(c.lora),
-                                  abstract=True)
+    net = lora_lib.build_networks(abstract_model(model_config(c)), lora_lib.LoRAConfig.from_dict(c.lora))
     rcfg = RolloutConfig.from_dict({**c.distill.rollout.to_dict(), "remat": c.remat})
     dcfg = steps.DMDConfig.from_dict({**c.distill.dmd.to_dict(), "remat": c.remat})
     spec = example_spec(c)

@@ -109,8 +109,7 @@ def test_14b_config_traces_the_stage_1_step():
     from liveavatar_jax.models.dit import abstract_model
 
     c = pretrain_14b.get_config()
-    net = lora_lib.build_networks(abstract_model(model_config(c)), lora_lib.LoRAConfig.from_dict(c.lora),
-                                  abstract=True)
+    net = lora_lib.build_networks(abstract_model(model_config(c)), lora_lib.LoRAConfig.from_dict(c.lora))
     pcfg = steps.PretrainConfig.from_dict({**c.pretrain.to_dict(), "remat": c.remat})
     spec = example_spec(c)
     S = jax.ShapeDtypeStruct

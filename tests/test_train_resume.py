@@ -128,6 +128,8 @@ def test_a_workdir_of_another_config_is_refused_naming_the_keys(tmp_path):
     assert "lora.rank: 8 -> 16" in msg and "distill.dmd.guidance: 3.0 -> 4.5" in msg and "total_steps" not in msg
 
 
+# A failed Orbax restore leaves a callback for its closed event loop; Python reports it when it is collected.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
     mesh = ts.make_mesh(1, 1, jax.devices()[:1])
     ckpt = Checkpointer(tmp_path, ("state",), keep=3, async_save=False)
@@ -169,7 +171,7 @@ def test_stage_2_student_starts_from_the_stage_1_checkpoint(tmp_path):
     cfg = LoRAConfig(rank=4, alpha=2.0)
     net = build_networks(abstract_model(DiTConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32,
                                                   text_len=32, audio_dim=32, audio_inject_layers=(0, 1),
-                                                  dtype="float32")), cfg, abstract=True)
+                                                  dtype="float32")), cfg)
     mesh = ts.make_mesh(1, 1, jax.devices()[:1])
     shardings = ts.tree_shardings(net.abstract_lora(), mesh)
     ema = net.init_lora(jax.random.key(1))

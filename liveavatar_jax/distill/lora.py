@@ -131,7 +131,7 @@ class Networks:
     plain_def: nnx.GraphDef
     lora_def: nnx.GraphDef
     base: dict              # pure dict of the base parameters (frozen, shared by all networks)
-    lora_template: dict     # pure dict of an initial adapter tree (shapes, dtypes; A random, B zero)
+    lora_template: dict     # pure dict of ShapeDtypeStructs: the adapter tree's shapes and dtypes
     model_cfg: DiTConfig
     lora_cfg: LoRAConfig
 
@@ -141,14 +141,14 @@ class Networks:
     def adapted(self, lora, base=None) -> CausalS2VDiT:
         return nnx.merge(self.lora_def, lora, self.base if base is None else base)
 
-    def init_lora(self, key, zero_a: bool = False) -> dict:
+    def init_lora(self, key) -> dict:
         """A fresh adapter tree: A kaiming-uniform from `key`, B zero (the adapted network equals the base)."""
         leaves, treedef = jax.tree.flatten_with_path(self.lora_template)
         keys = jax.random.split(key, len(leaves))
         out = []
         for k, (path, leaf) in zip(keys, leaves):
             name = str(path[-1].key)
-            if name == "lora_b" or zero_a:
+            if name == "lora_b":
                 out.append(jnp.zeros(leaf.shape, leaf.dtype))
             else:
                 bound = 1.0 / np.sqrt(leaf.shape[-2])
@@ -159,22 +159,14 @@ class Networks:
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.lora_template)
 
 
-def build_networks(model: CausalS2VDiT, lora_cfg: LoRAConfig, key=None, abstract: bool = False) -> Networks:
-    """Splits `model` into its frozen base and the adapted/plain graph definitions.
-
-    `model` may be abstract (`nnx.eval_shape`): then `base` holds ShapeDtypeStructs and `abstract=True` must be
-    passed so that the adapter template stays abstract as well.
-    """
-    key = jax.random.key(0) if key is None else key
+def build_networks(model: CausalS2VDiT, lora_cfg: LoRAConfig) -> Networks:
+    """Splits `model` (concrete or abstract, from `nnx.eval_shape`) into its frozen base and the adapted/plain graph
+    definitions. The adapter template is abstract: `Networks.init_lora` makes the arrays (under jit, sharded)."""
     plain_def, base_state = nnx.split(model, nnx.Param)
-    base = nnx.to_pure_dict(base_state)
-    if abstract:
-        adapted = nnx.eval_shape(lambda: add_lora(nnx.merge(plain_def, base_state), lora_cfg, key))
-    else:
-        adapted = add_lora(nnx.merge(plain_def, base_state), lora_cfg, key)
+    adapted = nnx.eval_shape(lambda: add_lora(nnx.merge(plain_def, base_state), lora_cfg, jax.random.key(0)))
     lora_def, lora_state, _ = nnx.split(adapted, nnx.LoRAParam, nnx.Param)
-    return Networks(plain_def=plain_def, lora_def=lora_def, base=base, lora_template=nnx.to_pure_dict(lora_state),
-                    model_cfg=model.cfg, lora_cfg=lora_cfg)
+    return Networks(plain_def=plain_def, lora_def=lora_def, base=nnx.to_pure_dict(base_state),
+                    lora_template=nnx.to_pure_dict(lora_state), model_cfg=model.cfg, lora_cfg=lora_cfg)
 
 
 def count(tree) -> int:
@@ -186,22 +178,18 @@ def count(tree) -> int:
 _PREFIX = "base_model.model."
 
 
-def _flat_modules(lora: Mapping, targets) -> dict[tuple[str, ...], tuple]:
-    out = {}
-    for _, path in targets:
-        node = lora
-        for p in path:
-            node = node[p]
-        out[path] = (node["lora_a"], node["lora_b"])
-    return out
+def _node(tree: Mapping, path: Sequence[str]):
+    for p in path:
+        tree = tree[p]
+    return tree
 
 
 def peft_tensors(lora: Mapping, cfg: LoRAConfig) -> dict[str, np.ndarray]:
     """{official PEFT name: array} in PyTorch layout (A [rank, in], B [out, rank]), float32."""
     out = {}
-    for (template, path) in target_modules(cfg.targets):
-        a, b = _flat_modules(lora, [(template, path)])[path]
-        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    for template, path in target_modules(cfg.targets):
+        node = _node(lora, path)
+        a, b = np.asarray(node["lora_a"], np.float32), np.asarray(node["lora_b"], np.float32)
         for i in range(a.shape[0]):
             name = _PREFIX + template.format(i=i)
             out[f"{name}.lora_A.default.weight"] = np.ascontiguousarray(a[i].T)
@@ -238,9 +226,7 @@ def import_peft(path, template: Mapping, cfg: LoRAConfig) -> dict:
     used, missing, misshaped = set(), [], []
     out = jax.tree.map(lambda a: np.zeros(a.shape, np.float32), dict(template))
     for template_name, path_ in target_modules(cfg.targets):
-        node_t, node_o = template, out
-        for p in path_:
-            node_t, node_o = node_t[p], node_o[p]
+        node_t, node_o = _node(template, path_), _node(out, path_)
         layers = node_t["lora_a"].shape[0]
         for i in range(layers):
             module = template_name.format(i=i)

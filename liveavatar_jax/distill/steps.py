@@ -1,7 +1,9 @@
 """The pure train steps of both stages: Stage 1 diffusion forcing, Stage 2 generator (DMD) and critic updates.
 
-Each `*_step(state, base, batch, ...)` is a pure function meant for one `jax.jit` (the trainer adds shardings and
-donation); every random draw comes from `train_state.step_key(state.rng, state.step, stream)`.
+Every public function here is pure and meant for `jax.jit` (the trainer adds shardings and donation): Stage 1 is one
+program (`pretrain_step`); Stage 2 is a chain of programs (`draw_plan`, `generate`, `dmd_direction`,
+`generator_grads`, `generator_apply`, `critic_update`) so that the rollout compiles once for the generator and the
+critic iterations. Every random draw comes from `train_state.step_key(state.rng, state.step, stream)`.
 
 Stage 1 (training.md 5.2): a real clip is noised with an independent level per block (shifted training grid), the
 motion latents with an independent level per motion frame (uniform, the "scaffold"), audio and text are dropped
@@ -22,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from liveavatar_jax.distill import losses, train_state
+from liveavatar_jax.distill import losses
 from liveavatar_jax.distill.lora import Networks
 from liveavatar_jax.distill.rollout import Rollout, RolloutConfig, RolloutPlan, exit_vjp, make_plan, rollout
 from liveavatar_jax.distill.train_state import DistillState, PretrainState, ema_update, global_norm, step_key
@@ -176,12 +178,12 @@ def critic_velocity(networks: Networks, critic, base, x_t, t, cond, cfg: DMDConf
     return _bidirectional(networks.adapted(critic, base), x_t, t, cond, cfg)
 
 
-def dmd_direction(networks: Networks, state_critic, base, video, key, cond, negative_text, cfg: DMDConfig):
+def dmd_direction(networks: Networks, critic, base, video, key, cond, negative_text, cfg: DMDConfig):
     """(direction, metrics); nothing here carries gradient."""
     video = jax.lax.stop_gradient(video)
     t, sigma, _, x_t = _score_inputs(video, key, cfg)
     x0_real = teacher_x0(networks, base, x_t, t, sigma, cond, negative_text, cfg)
-    x0_fake = losses.x0_from_velocity(x_t, critic_velocity(networks, state_critic, base, x_t, t, cond, cfg), sigma)
+    x0_fake = losses.x0_from_velocity(x_t, critic_velocity(networks, critic, base, x_t, t, cond, cfg), sigma)
     direction = jax.lax.stop_gradient(losses.dmd_direction(video, x0_fake, x0_real))
     return direction, {"dmd_t": jnp.mean(t)}
 

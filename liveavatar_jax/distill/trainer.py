@@ -36,10 +36,11 @@ from liveavatar_jax.distill.lora import LoRAConfig, Networks, build_networks, ex
 from liveavatar_jax.distill.metrics import MetricsLogger
 from liveavatar_jax.distill.rollout import RolloutConfig
 from liveavatar_jax.models import attention as attention_lib
-from liveavatar_jax.models.dit import DiTConfig, abstract_model, build
+from liveavatar_jax.models.dit import DiTConfig, abstract_model, build, count_params
 
 log = logging.getLogger("liveavatar_jax.train")
 CHECKPOINT_DIR = "checkpoints"
+RANDOM_INIT_LIMIT = 2_000_000_000      # parameters; larger bases must come from a checkpoint
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -101,8 +102,12 @@ def build_networks_on_mesh(config, mesh) -> Networks:
 
         model = load_dit(config.model.checkpoint, mcfg, sharding=_param_sharding_fn(mcfg, mesh))
     else:
+        size = count_params(abstract_model(mcfg))
+        if size > RANDOM_INIT_LIMIT:
+            raise ValueError(f"config.model.checkpoint is empty: a {size / 1e9:.1f}B-parameter base needs its weights "
+                             "(--config.model.checkpoint=DIR); random initialisation is for small test models")
         model = build(mcfg, seed=int(config.model.init_seed))
-    networks = build_networks(model, lora_cfg, abstract=True)
+    networks = build_networks(model, lora_cfg)
     networks.base = jax.device_put(networks.base, ts.tree_shardings(networks.base, mesh))
     return networks
 
@@ -142,13 +147,13 @@ class _Trainer:
                                   seed=int(config.data.shuffle_seed), worker_count=int(config.data.worker_count),
                                   on_bad_example=config.data.on_bad_example, fields=self.fields)
         self.skipped = 0
-        self.tokens_per_frame = (self.spec.height // 2) * (self.spec.width // 2)
+        _, ph, pw = self.networks.model_cfg.patch_size
+        self.tokens_per_frame = (self.spec.height // ph) * (self.spec.width // pw)
 
     # -------------------------------------------------------------------------------------------- helpers
 
-    def init_lora(self, seed: int, zero_a: bool = False):
-        fn = jax.jit(partial(self.networks.init_lora, zero_a=zero_a), out_shardings=self.lora_shardings)
-        return fn(jax.random.key(seed))
+    def init_lora(self, seed: int):
+        return jax.jit(self.networks.init_lora, out_shardings=self.lora_shardings)(jax.random.key(seed))
 
     def next_batch(self):
         batch = next(self.data)
