@@ -123,6 +123,12 @@ def make_iterator(root, spec: ExampleSpec, *, global_batch: int, seed: int, shuf
     source = ExampleSource(root, spec, on_bad_example=on_bad_example, fields=fields)
     if len(source) < global_batch:
         raise DatasetError(f"{root}: {len(source)} examples are fewer than one batch of {global_batch}")
+    if worker_count > 0:
+        from absl import flags
+
+        # grain's worker processes read absl flags; outside `absl.app.run` (tests, notebooks) use their defaults
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
     shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=True)
     sampler = grain.samplers.IndexSampler(len(source), shard_options=shard, shuffle=shuffle, num_epochs=None,
                                           seed=seed)
