@@ -27,7 +27,6 @@ def main():
     args = p.parse_args()
 
     import jax
-    import jax.numpy as jnp
 
     from liveavatar_jax.pipeline import Pipeline
 

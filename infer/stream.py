@@ -50,7 +50,6 @@ def parse_args(argv):
 
 
 def load_config(args, overrides):
-    from ml_collections import config_flags  # noqa: F401  (ml_collections is the config system)
     import importlib.util
 
     path = Path(args.config) if args.config else REPO / "configs" / (

@@ -54,7 +54,7 @@ def common(stage: str, model: ml_collections.ConfigDict, frames: int, height: in
     c.export_lora = True
     c.compilation_cache = ""           # a folder for XLA's persistent compilation cache (restarts skip compiles)
     c.attention_impl = "xla"           # "cudnn": fused flash attention on GPU (needed at 14B sequence lengths)
-    c.remat = "none"                   # per-layer rematerialisation: see dit_sequence.REMAT_POLICIES
+    c.remat = "none"                   # per-layer rematerialisation: see dit.REMAT_POLICIES
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1))
     c.model = model
     c.lora = ml_collections.ConfigDict(dict(rank=128, alpha=64.0, targets=DEFAULT_TARGETS, dtype="float32"))

@@ -30,6 +30,22 @@ from liveavatar_jax.models.attention import attention
 from liveavatar_jax.streaming.caches import RingCache, SinkCache
 
 
+# Per-layer rematerialisation policies for training (`remat=` of the forwards); inference runs without.
+REMAT_POLICIES = {
+    "none": None,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def remat_policy(remat: str | None):
+    if remat is not None and remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; choose one of {tuple(REMAT_POLICIES)}")
+    return None if remat is None else REMAT_POLICIES[remat]
+
+
 @dataclasses.dataclass(frozen=True)
 class DiTConfig:
     dim: int = 5120
@@ -457,23 +473,25 @@ class CausalS2VDiT(nnx.Module):
 
     # ---------------------------------------------------------------------------------------------- entry points
 
-    def _scan_blocks(self, x, e0, text, attend, cache_xs, inject=None, debug=False, text_kv=None):
+    def scan_blocks(self, x, e0, text, attend, cache_xs, inject=None, debug=False, text_kv=None,
+                    remat: str | None = None):
         """Runs every block under lax.scan. `attend(attn, h, cache_l) -> (y, new_cache_l)` is the self-attention
-        of one layer given that layer's slice of `cache_xs`; `inject(injector, x)` the audio injection."""
+        of one layer given that layer's slice of `cache_xs`; `inject(injector, x)` the audio injection after the
+        configured layers; `remat` names a policy of `REMAT_POLICIES` to rematerialise each layer (training).
+        Returns (x, the stacked new cache slices, debug outputs or None)."""
         cfg = self.cfg
         block_def, block_state = nnx.split(self.blocks)
         inj_def, inj_state = nnx.split(self.audio_injectors)
         inj_index = np.full((cfg.num_layers,), -1, np.int32)
-        for j, layer in enumerate(sorted(set(cfg.audio_inject_layers))):
-            inj_index[layer] = j
+        for j, layer_id in enumerate(sorted(set(cfg.audio_inject_layers))):
+            inj_index[layer_id] = j
 
-        def body(x, xs):
-            layer_state, cache_l, j, kv_l = xs
+        def layer(x, layer_state, cache_l, j, kv_l, inj_state):
             block = nnx.merge(block_def, layer_state)
-            new_cache = {}
+            side = {}
 
             def self_attention(attn, h):
-                y, new_cache["c"] = attend(attn, h, cache_l)
+                y, side["cache"] = attend(attn, h, cache_l)
                 return y
 
             x, normed = block(x, e0, text, self_attention, text_kv=kv_l)
@@ -483,11 +501,40 @@ class CausalS2VDiT(nnx.Module):
                     injector = nnx.merge(inj_def, jax.tree.map(lambda p: p[jnp.maximum(j, 0)], inj_state))
                     return inject(injector, x)
                 x = jax.lax.cond(j >= 0, do_inject, lambda x: x, x)
-            ys = (new_cache["c"], (block_out, normed) if debug else None)
-            return x, ys
+            return x, (side["cache"], (block_out, normed) if debug else None)
+
+        if remat not in (None, "none"):
+            # explicit arguments and outputs only, so no tracer crosses the remat boundary
+            layer = jax.checkpoint(layer, policy=remat_policy(remat), prevent_cse=False)
+
+        def body(x, xs):
+            layer_state, cache_l, j, kv_l = xs
+            return layer(x, layer_state, cache_l, j, kv_l, inj_state)
 
         x, (new_cache, dbg) = jax.lax.scan(body, x, (block_state, cache_xs, jnp.asarray(inj_index), text_kv))
         return x, new_cache, dbg
+
+    def embed_noisy(self, x, cond_states=None):
+        """Noisy latents [B, 16, F, h, w] -> tokens [B, F*N, D]: patch embedding, the pose latents through
+        `cond_encoder` (without a pose video the official pipeline feeds zeros, which leaves its bias), segment 0."""
+        cfg = self.cfg
+        dt = cfg.jnp_dtype
+        tokens = self.patch_embedding(x.astype(dt))
+        if cond_states is not None:
+            tokens = tokens + self.cond_encoder(cond_states.astype(dt))
+        else:
+            tokens = tokens + self.cond_encoder.bias[...].astype(dt)
+        return tokens.reshape(x.shape[0], -1, cfg.dim) + self.trainable_cond_mask[0].astype(dt)
+
+    def head_out(self, out, e, f: int, h: int, w: int):
+        """The head on the noisy tokens, in its float32 region (LN(x) in x's dtype, then modulation and projection
+        in float32), and unpatchify -> velocity [B, 16, F, h, w]."""
+        cfg = self.cfg
+        dt = cfg.jnp_dtype
+        m = self.head_modulation[...].astype(jnp.float32)[None, None] + e[:, :, None]
+        normed = layer_norm(out, cfg.eps).astype(dt).astype(jnp.float32)
+        y = self.head(modulate(normed, m[:, :, 0], m[:, :, 1]), dtype=jnp.float32).astype(dt)
+        return self.unpatchify(y, f, h // cfg.patch_size[1], w // cfg.patch_size[2])
 
     def sink_prefill(self, ref_latents, motion_latents, text):
         """Runs the sink (reference + motion) tokens through every block at t=0.
@@ -512,11 +559,12 @@ class CausalS2VDiT(nnx.Module):
             kr = rope.apply(k, table).astype(v.dtype)
             return attn.out(attention(qr, kr, v)), (k, v)
 
-        _, (k, v), _ = self._scan_blocks(x, e0, text, attend, None)
+        _, (k, v), _ = self.scan_blocks(x, e0, text, attend, None)
         return SinkCache(k=k, v=v)
 
     def block_forward(self, x, t, text, audio, cache: RingCache, sink: SinkCache, first_frame, relative_dist,
-                      cond_states=None, debug: bool = False, text_kv=None):
+                      cond_states=None, debug: bool = False, text_kv=None, remat: str | None = None,
+                      attention_impl: str | None = None):
         """One denoising step of one block.
 
         x [B, 16, F, h, w] noisy latents; t [B] or [B, F] timesteps; text [B, text_len, D] (or None with `text_kv`
@@ -525,19 +573,14 @@ class CausalS2VDiT(nnx.Module):
         step's ring; sink: the sink K/V;
         first_frame: global latent index g of the block's first frame (int32, never wrapped); relative_dist: the
         rolling-sink distance d of this call (the reference is re-rotated to max(sink_position, g + d)).
+        `remat` (training) rematerialises each layer; `attention_impl` overrides the attention kernel.
         Returns (velocity [B, 16, F, h, w], updated ring[, debug dict]).
         """
         cfg = self.cfg
-        dt = cfg.jnp_dtype
         b, _, f, h, w = x.shape
-        tokens = self.patch_embedding(x.astype(dt))
-        if cond_states is not None:
-            tokens = tokens + self.cond_encoder(cond_states.astype(dt))
-        else:  # no pose video: the official pipeline feeds zeros, which leaves the bias
-            tokens = tokens + self.cond_encoder.bias[...].astype(dt)
-        n_frame = tokens.shape[2] * tokens.shape[3]
-        hs = tokens.reshape(b, -1, cfg.dim) + self.trainable_cond_mask[0].astype(dt)
+        hs = self.embed_noisy(x, cond_states)
         n_block = hs.shape[1]
+        n_frame = n_block // f
 
         t = jnp.asarray(t, jnp.float32)
         t = jnp.broadcast_to(t[:, None] if t.ndim == 1 else t, (b, f))
@@ -570,20 +613,16 @@ class CausalS2VDiT(nnx.Module):
             sink_kr = rope.apply(sink_k, sink_tab).astype(v.dtype)
             keys = jnp.concatenate([sink_kr, ring_k.astype(v.dtype)], axis=1)
             vals = jnp.concatenate([sink_v.astype(v.dtype), ring_v.astype(v.dtype)], axis=1)
-            y = attention(qr, keys, vals, num_valid_keys=n_sink + valid)
+            y = attention(qr, keys, vals, num_valid_keys=n_sink + valid, implementation=attention_impl)
             return attn.out(y), (ring_k, ring_v, sink_kr if debug else None)
 
         def inject(injector, x):
             return injector(x, audio_tokens, audio_global)
 
-        out, (ring_k, ring_v, sink_kr), dbg = self._scan_blocks(
-            hs, e0, text, attend, (cache.k, cache.v, sink.k, sink.v), inject=inject, debug=debug, text_kv=text_kv)
-
-        # head (float32 autocast region): LN(x) in x's dtype, then modulation and the projection in float32
-        m = self.head_modulation[...].astype(jnp.float32)[None, None] + e[:, :, None]
-        normed = layer_norm(out, cfg.eps).astype(dt).astype(jnp.float32)
-        y = self.head(modulate(normed, m[:, :, 0], m[:, :, 1]), dtype=jnp.float32).astype(dt)
-        velocity = self.unpatchify(y, f, h // cfg.patch_size[1], w // cfg.patch_size[2])
+        out, (ring_k, ring_v, sink_kr), dbg = self.scan_blocks(
+            hs, e0, text, attend, (cache.k, cache.v, sink.k, sink.v), inject=inject, debug=debug, text_kv=text_kv,
+            remat=remat)
+        velocity = self.head_out(out, e, f, h, w)
         new_cache = RingCache(k=ring_k, v=ring_v)
         if not debug:
             return velocity, new_cache

@@ -1,7 +1,7 @@
 """Training-time forwards of the causal S2V DiT, built from `CausalS2VDiT`'s own submodules.
 
 Two entry points, both pure functions of a (merged) model, with per-layer rematerialisation (`remat`, a policy name
-from `REMAT_POLICIES`) because the inference forwards in `dit.py` scan their layers without it:
+from `dit.REMAT_POLICIES`; the inference forwards run without):
 
 * `sequence_forward`: the whole clip at once (Stage 1 student, Stage 2 teacher and critic). Token layout
   `[pad | reference, motion | noisy frames]`: the condition tokens (t = 0 modulation, reference at RoPE time 30,
@@ -14,8 +14,8 @@ from `REMAT_POLICIES`) because the inference forwards in `dit.py` scan their lay
       streaming `block_forward` computes with every earlier block's keys in its ring.
     - `"bidirectional"` (native Wan-S2V, teacher and critic): one attention call in which every token sees every
       token.
-* `block_step`: one block at one denoising step against a `RingCache` and the sink (the student's rollout); the
-  same computation as `CausalS2VDiT.block_forward` (tests hold them equal), with remat.
+* `block_step`: one block at one denoising step against a `RingCache` and the sink (the student's rollout):
+  `CausalS2VDiT.block_forward` itself, with remat.
 
 `attention_impl` selects the kernel (`"xla"` exact math, `"cudnn"` fused flash attention on GPU, required at 14B
 sequence lengths: none of the calls here needs a mask).
@@ -23,96 +23,28 @@ sequence lengths: none of the calls here needs a mask).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import nnx
 
 from liveavatar_jax.models import rope
 from liveavatar_jax.models.attention import attention
-from liveavatar_jax.models.dit import CausalS2VDiT, layer_norm, modulate
+from liveavatar_jax.models.dit import CausalS2VDiT
+
+MODES = ("block_causal", "bidirectional")
 from liveavatar_jax.streaming.caches import RingCache, SinkCache
 
-REMAT_POLICIES = {
-    "none": None,
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "everything_saveable": jax.checkpoint_policies.everything_saveable,
-}
-MODES = ("block_causal", "bidirectional")
-
-
-def _policy(remat: str | None):
-    if remat is None:
-        return None
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"unknown remat policy {remat!r}; choose one of {tuple(REMAT_POLICIES)}")
-    return REMAT_POLICIES[remat]
-
-
 def scan_layers(model: CausalS2VDiT, x, e0, text, attend, cache_xs, inject=None, remat: str | None = None):
-    """All transformer blocks under `lax.scan`, each optionally rematerialised.
-
-    `attend(attn, h, cache_l) -> (y, new_cache_l)` is one layer's self-attention; `inject(injector, x)` the audio
-    injection after the configured layers. The new cache slices are returned as scan outputs (explicit values, so the
-    remat boundary never leaks a tracer).
-    """
-    cfg = model.cfg
-    block_def, block_state = nnx.split(model.blocks)
-    inj_def, inj_state = nnx.split(model.audio_injectors)
-    inj_index = np.full((cfg.num_layers,), -1, np.int32)
-    for j, layer_id in enumerate(sorted(set(cfg.audio_inject_layers))):
-        inj_index[layer_id] = j
-
-    def layer(x, layer_state, cache_l, j, inj_state):
-        block = nnx.merge(block_def, layer_state)
-        side = {}
-
-        def self_attention(attn, h):
-            y, side["cache"] = attend(attn, h, cache_l)
-            return y
-
-        x, _ = block(x, e0, text, self_attention)
-        if inject is not None:
-            def do_inject(x):
-                injector = nnx.merge(inj_def, jax.tree.map(lambda p: p[jnp.maximum(j, 0)], inj_state))
-                return inject(injector, x)
-            x = jax.lax.cond(j >= 0, do_inject, lambda x: x, x)
-        return x, side["cache"]
-
-    policy = _policy(remat)
-    if remat not in (None, "none"):
-        layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
-
-    def body(x, xs):
-        layer_state, cache_l, j = xs
-        return layer(x, layer_state, cache_l, j, inj_state)
-
-    return jax.lax.scan(body, x, (block_state, cache_xs, jnp.asarray(inj_index)))
+    """All transformer blocks under `lax.scan` (`CausalS2VDiT.scan_blocks`), each optionally rematerialised.
+    Returns (x, the stacked new cache slices)."""
+    x, new_cache, _ = model.scan_blocks(x, e0, text, attend, cache_xs, inject=inject, remat=remat)
+    return x, new_cache
 
 
 def head(model: CausalS2VDiT, out, e, f: int, h: int, w: int):
-    """Output head on the noisy tokens (float32 region, as `block_forward`) and unpatchify -> [B, C, F, h, w]."""
-    cfg = model.cfg
-    dt = cfg.jnp_dtype
-    m = model.head_modulation[...].astype(jnp.float32)[None, None] + e[:, :, None]
-    normed = layer_norm(out, cfg.eps).astype(dt).astype(jnp.float32)
-    y = model.head(modulate(normed, m[:, :, 0], m[:, :, 1]), dtype=jnp.float32).astype(dt)
-    return model.unpatchify(y, f, h // cfg.patch_size[1], w // cfg.patch_size[2])
+    return model.head_out(out, e, f, h, w)
 
 
 def embed_noisy(model: CausalS2VDiT, x, cond_states=None):
-    """Noisy latents [B, 16, F, h, w] -> tokens [B, F*N, D] (patch + pose/cond bias + segment embedding 0)."""
-    cfg = model.cfg
-    dt = cfg.jnp_dtype
-    b = x.shape[0]
-    tokens = model.patch_embedding(x.astype(dt))
-    if cond_states is not None:
-        tokens = tokens + model.cond_encoder(cond_states.astype(dt))
-    else:  # no pose video: the official pipeline feeds zeros, leaving only the bias
-        tokens = tokens + model.cond_encoder.bias[...].astype(dt)
-    return tokens.reshape(b, -1, cfg.dim) + model.trainable_cond_mask[0].astype(dt)
+    return model.embed_noisy(x, cond_states)
 
 
 def embed_condition(model: CausalS2VDiT, ref_latents, motion_latents):
@@ -220,53 +152,13 @@ def sequence_forward(model: CausalS2VDiT, x, t, text, audio, ref_latents, motion
 
 def block_step(model: CausalS2VDiT, x, t, text, audio, cache: RingCache, sink: SinkCache, first_frame,
                relative_dist, *, remat: str | None = None, attention_impl: str | None = None, cond_states=None):
-    """One denoising step of one block against this step's ring: `CausalS2VDiT.block_forward` with remat.
+    """One denoising step of one block against this step's ring: `CausalS2VDiT.block_forward` with remat and an
+    attention kernel choice.
 
     x [B, 16, F, h, w]; t [B] or [B, F]; text [B, text_len, D]; audio [B, layers, C_a, 4F], or its
     `encode_audio` output (the steps of a block share it); first_frame: global latent index of the block's first
     frame; relative_dist: the rolling-sink distance of this call.
     Returns (velocity [B, 16, F, h, w], ring with this block's keys and values written at its slot).
     """
-    cfg = model.cfg
-    b, _, f, h, w = x.shape
-    hs = embed_noisy(model, x, cond_states)
-    n_frame = hs.shape[1] // f
-    t = jnp.asarray(t, jnp.float32)
-    t = jnp.broadcast_to(t[:, None] if t.ndim == 1 else t, (b, f))
-    e, e0 = model.time_embed(t)
-    audio_tokens, audio_global = audio if isinstance(audio, tuple) else model.encode_audio(audio)
-
-    first_frame = jnp.asarray(first_frame, jnp.int32)
-    block_tab = model.block_table(first_frame, f, h, w)
-    start_idx = cfg.sink_position - jnp.asarray(relative_dist, jnp.int32)
-    sink_tab = model.sink_table(h, w, cfg.sink_position + jnp.maximum(0, first_frame - start_idx))
-
-    capacity = cache.capacity
-    if capacity % n_frame:
-        raise ValueError(f"ring capacity {capacity} is not a whole number of {n_frame}-token frames")
-    ring_frames = capacity // n_frame
-    offset = (first_frame % ring_frames) * n_frame
-    valid = jnp.minimum(first_frame + f, ring_frames) * n_frame
-    n_sink = sink.length
-
-    def attend(attn, hs, cache_l):
-        ring_k, ring_v, sink_k, sink_v = cache_l
-        q = attn.project_q(hs)
-        k, v = attn.project_kv(hs)
-        qr = rope.apply(q, block_tab).astype(v.dtype)
-        kr = rope.apply(k, block_tab).astype(v.dtype)
-        ring_k = jax.lax.dynamic_update_slice_in_dim(ring_k, kr.astype(ring_k.dtype), offset, axis=1)
-        ring_v = jax.lax.dynamic_update_slice_in_dim(ring_v, v.astype(ring_v.dtype), offset, axis=1)
-        sink_kr = rope.apply(sink_k, sink_tab).astype(v.dtype)
-        keys = jnp.concatenate([sink_kr, ring_k.astype(v.dtype)], axis=1)
-        vals = jnp.concatenate([sink_v.astype(v.dtype), ring_v.astype(v.dtype)], axis=1)
-        # A filling ring needs the valid-key count; once full every key is valid and the cuDNN path can drop it.
-        y = attention(qr, keys, vals, num_valid_keys=n_sink + valid, implementation=attention_impl)
-        return attn.out(y), (ring_k, ring_v)
-
-    def inject(injector, xs):
-        return injector(xs, audio_tokens, audio_global)
-
-    out, (ring_k, ring_v) = scan_layers(model, hs, e0, text, attend, (cache.k, cache.v, sink.k, sink.v),
-                                        inject=inject, remat=remat)
-    return head(model, out, e, f, h, w), RingCache(k=ring_k, v=ring_v)
+    return model.block_forward(x, t, text, audio, cache, sink, first_frame, relative_dist,
+                               cond_states=cond_states, remat=remat, attention_impl=attention_impl)

@@ -15,7 +15,7 @@ Everything that changes from block to block lives in `StreamState`, a pytree car
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +84,7 @@ class StreamEngine:
     """
 
     def __init__(self, model: CausalS2VDiT, cfg: StreamConfig = StreamConfig(), decoder=None):
-        if cfg.steps not in (1, 2, 3, 4, 5, 6, 7, 8):
+        if not 1 <= cfg.steps <= 8:
             raise ValueError(f"steps must be a small positive integer, got {cfg.steps}")
         self.cfg = cfg
         self.model_cfg = model.cfg
