@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from liveavatar_jax.models.dit import CausalS2VDiT, Dense, DiTConfig
-from liveavatar_jax.weights.checkpoint import CheckpointError, format_key_list
+from liveavatar_jax.weights.checkpoint import CheckpointError, mismatch_error
 
 DEFAULT_TARGETS = ("q", "k", "v", "o", "ffn.0", "ffn.2")
 
@@ -242,13 +242,8 @@ def import_peft(path, template: Mapping, cfg: LoRAConfig) -> dict:
                     continue
                 node_o[leaf][i] = w
     extra = [found[k] for k in found if k not in used]
-    if missing or extra or misshaped:
-        lines = [f"{ckpt.name}: the LoRA file does not fit adapters of rank {cfg.rank} on {cfg.targets}"]
-        if missing:
-            lines.append("  missing " + format_key_list(missing))
-        if extra:
-            lines.append("  unexpected " + format_key_list(extra))
-        if misshaped:
-            lines.append("  wrong shape " + format_key_list(misshaped))
-        raise CheckpointError("\n".join(lines))
+    error = mismatch_error(f"{ckpt.name}: the LoRA file does not fit adapters of rank {cfg.rank} on {cfg.targets}",
+                           missing, extra, misshaped)
+    if error is not None:
+        raise error
     return jax.tree.map(lambda a, t: jnp.asarray(a, t.dtype), out, dict(template))

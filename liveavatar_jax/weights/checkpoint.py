@@ -33,6 +33,17 @@ def format_key_list(keys, limit: int = 20) -> str:
     return f"{len(keys)} key(s): {shown}{more}"
 
 
+def mismatch_error(title: str, missing=(), unexpected=(), misshaped=()) -> CheckpointError | None:
+    """One error listing every missing, unexpected and mis-shaped key under `title` (None when all match)."""
+    if not (missing or unexpected or misshaped):
+        return None
+    lines = [title]
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+        if keys:
+            lines.append(f"  {label} " + format_key_list(keys))
+    return CheckpointError("\n".join(lines))
+
+
 def read_safetensors_header(path: Path) -> dict:
     """Parses and validates the header of one safetensors file without reading the tensors.
 

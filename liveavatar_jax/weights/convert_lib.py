@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from liveavatar_jax.weights.checkpoint import CheckpointError, format_key_list, open_checkpoint
+from liveavatar_jax.weights.checkpoint import CheckpointError, open_checkpoint
 from liveavatar_jax.weights.pth import PthCheckpoint
 
 BASE_SUBDIR = "Wan2.2-S2V-14B"
@@ -148,33 +148,10 @@ def write_safetensors(out, tensors: Iterable[tuple[str, tuple, np.dtype, Callabl
 def check_against_rules(ckpt, abstract_state, rules, what: str) -> int:
     """Every tensor of `ckpt` must be a parameter of `abstract_state` under `rules`, with the model's shape, and every
     parameter must be present. Reads headers only. Returns the number of tensors checked."""
-    from liveavatar_jax.weights.keymap import expected_source_keys, flat_paths
+    from liveavatar_jax.weights.keymap import check_params
 
-    rules = list(rules)
-    flat = flat_paths(abstract_state)
-    expected = expected_source_keys(flat, rules)
-    present = set(ckpt.keys())
-    missing = sorted(set(expected) - present)
-    unexpected = sorted(present - set(expected))
-    misshaped = []
-    for key in sorted(present & set(expected)):
-        path, index = expected[key]
-        rule = next(r for r in rules if r.match_target(path) is not None)
-        want = flat[path].shape[1:] if index is not None else flat[path].shape
-        probe = np.broadcast_to(np.zeros((), np.bool_), ckpt.shape(key))  # a shape without memory
-        got = rule.transform(probe).shape
-        if tuple(got) != tuple(want):
-            misshaped.append(f"{key}: {list(ckpt.shape(key))} (the model's parameter is {list(want)} after layout)")
-    if missing or unexpected or misshaped:
-        lines = [f"{ckpt.name}: does not match {what}"]
-        if missing:
-            lines.append("  missing " + format_key_list(missing))
-        if unexpected:
-            lines.append("  unexpected " + format_key_list(unexpected))
-        if misshaped:
-            lines.append("  wrong shape " + format_key_list(misshaped))
-        raise CheckpointError("\n".join(lines))
-    return len(present)
+    check_params(abstract_state, ckpt, rules, what=what)
+    return len(ckpt.keys())
 
 
 class ModelUnavailable(Exception):

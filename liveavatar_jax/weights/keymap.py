@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from liveavatar_jax.weights.checkpoint import CheckpointError, format_key_list
+from liveavatar_jax.weights.checkpoint import format_key_list, mismatch_error
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -131,15 +131,11 @@ def expected_source_keys(abstract_flat: Mapping[str, jax.ShapeDtypeStruct], rule
     return out
 
 
-def load_params(abstract_state, ckpt, rules: Iterable[Rule], *, dtype=None,
-                sharding: Callable[[str], jax.sharding.Sharding] | None = None,
-                strict: bool = True) -> dict:
-    """Reads `ckpt` (a `Checkpoint`-like object: keys(), shape(), get(), name) into a pure dict for `abstract_state`.
-
-    Every official key must map to a parameter and every parameter must be covered with the right shape; otherwise
-    one `CheckpointError` lists the missing, unexpected and mis-shaped keys and names the checkpoint. `dtype`
-    overrides the abstract leaves' dtype (floating leaves only).
-    """
+def check_params(abstract_state, ckpt, rules: Iterable[Rule], *, what: str = "the model", strict: bool = True):
+    """Checks `ckpt` against `abstract_state` from headers only: every official key must map to a parameter and every
+    parameter must be covered with the right shape; otherwise one `CheckpointError` lists the missing, unexpected
+    and mis-shaped keys and names the checkpoint. Returns (flat abstract leaves, {path: [(key, stack index)]},
+    {path: rule}) for loading."""
     rules = list(rules)
     flat = flat_paths(abstract_state)
     expected = expected_source_keys(flat, rules)
@@ -147,40 +143,40 @@ def load_params(abstract_state, ckpt, rules: Iterable[Rule], *, dtype=None,
     missing = sorted(set(expected) - present)
     unexpected = sorted(present - set(expected)) if strict else []
 
-    def target_dtype(leaf):
-        if dtype is not None and np.issubdtype(leaf.dtype, np.floating):
-            return np.dtype(dtype)
-        return np.dtype(leaf.dtype)
-
     by_target: dict[str, list[tuple[str, int | None]]] = defaultdict(list)
     rule_of: dict[str, Rule] = {}
     for key, (path, index) in expected.items():
         if key in present:
             by_target[path].append((key, index))
     for path in flat:
-        for rule in rules:
-            if rule.match_target(path) is not None:
-                rule_of[path] = rule
-                break
+        rule_of[path] = next(r for r in rules if r.match_target(path) is not None)
 
-    # Shapes first, from headers only, so a bad checkpoint fails before any tensor is read.
     misshaped = []
     for path, entries in by_target.items():
         rule, leaf = rule_of[path], flat[path]
         want = leaf.shape[1:] if rule.stack else leaf.shape
         for key, _ in entries:
-            got = rule.transform(np.empty(ckpt.shape(key), dtype=np.bool_)).shape
-            if tuple(got) != tuple(want):
+            probe = np.broadcast_to(np.zeros((), np.bool_), ckpt.shape(key))   # a shape without memory
+            if tuple(rule.transform(probe).shape) != tuple(want):
                 misshaped.append(f"{key}: {list(ckpt.shape(key))} (expected {list(_untransformed_shape(rule, want))})")
-    if missing or unexpected or misshaped:
-        lines = [f"{ckpt.name}: the checkpoint does not match the model"]
-        if missing:
-            lines.append("  missing " + format_key_list(missing))
-        if unexpected:
-            lines.append("  unexpected " + format_key_list(unexpected))
-        if misshaped:
-            lines.append("  wrong shape " + format_key_list(misshaped))
-        raise CheckpointError("\n".join(lines))
+    error = mismatch_error(f"{ckpt.name}: does not match {what}", missing, unexpected, misshaped)
+    if error is not None:
+        raise error
+    return flat, by_target, rule_of
+
+
+def load_params(abstract_state, ckpt, rules: Iterable[Rule], *, dtype=None,
+                sharding: Callable[[str], jax.sharding.Sharding] | None = None,
+                strict: bool = True, what: str = "the model") -> dict:
+    """Reads `ckpt` (a `Checkpoint`-like object: keys(), shape(), get(), name) into a pure dict for `abstract_state`,
+    after `check_params` (so a bad checkpoint fails before any tensor is read). `dtype` overrides the abstract
+    leaves' dtype (floating leaves only)."""
+    flat, by_target, rule_of = check_params(abstract_state, ckpt, rules, what=what, strict=strict)
+
+    def target_dtype(leaf):
+        if dtype is not None and np.issubdtype(leaf.dtype, np.floating):
+            return np.dtype(dtype)
+        return np.dtype(leaf.dtype)
 
     out = {}
     for path, leaf in flat.items():
