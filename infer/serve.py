@@ -115,12 +115,10 @@ async def serve(args, config, ckpt) -> int:
 
 def main(argv=None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.cpu_devices:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={args.cpu_devices}").strip()
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from infer.stream import load_config, simulate_cpu_devices
 
-    from infer.stream import load_config
+    if args.cpu_devices:
+        simulate_cpu_devices(args.cpu_devices)
     from liveavatar_jax.pipeline import CheckpointFiles, InputError
 
     try:

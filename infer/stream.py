@@ -89,6 +89,13 @@ def apply_override(config, dotted: str, value: str):
     node[parts[-1]] = parsed
 
 
+def simulate_cpu_devices(n: int) -> None:
+    """N simulated host devices (to try TPP on a laptop); must run before JAX initialises its backend."""
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={n}").strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
 def peak_memory_bytes() -> dict:
     import resource
 
@@ -104,9 +111,7 @@ def peak_memory_bytes() -> dict:
 def main(argv=None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     if args.cpu_devices:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={args.cpu_devices}").strip()
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        simulate_cpu_devices(args.cpu_devices)
 
     from liveavatar_jax.pipeline import InputError, check_output_path, plan_stream
 
