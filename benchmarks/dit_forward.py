@@ -30,6 +30,9 @@ def main():
     p.add_argument("--per_call_audio", action="store_true",
                    help="encode the block's audio in the call (the engine encodes it once per block, for 4 calls)")
     args = p.parse_args()
+    from liveavatar_jax.runtime import prefer_onednn_on_cpu
+
+    prefer_onednn_on_cpu()   # XLA_FLAGS=--xla_cpu_use_onednn=false times the default XLA:CPU kernels
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) > THREADS:
         os.sched_setaffinity(0, cpus[:THREADS])

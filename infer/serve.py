@@ -116,7 +116,9 @@ async def serve(args, config, ckpt) -> int:
 def main(argv=None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     from infer.stream import load_config, simulate_cpu_devices
+    from liveavatar_jax.runtime import prefer_onednn_on_cpu
 
+    prefer_onednn_on_cpu()
     if args.cpu_devices:
         simulate_cpu_devices(args.cpu_devices)
     from liveavatar_jax.pipeline import CheckpointFiles, InputError

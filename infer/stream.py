@@ -110,6 +110,9 @@ def peak_memory_bytes() -> dict:
 
 def main(argv=None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    from liveavatar_jax.runtime import prefer_onednn_on_cpu
+
+    prefer_onednn_on_cpu()
     if args.cpu_devices:
         simulate_cpu_devices(args.cpu_devices)
 
