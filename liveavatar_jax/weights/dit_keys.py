@@ -77,15 +77,9 @@ def load_dit(path, cfg: DiTConfig, *, lora=None, sharding=None) -> CausalS2VDiT:
     `lora`: an optional LiveAvatar LoRA safetensors file merged into its targets on the fly
     (W += alpha/rank * B @ A, in float32, then cast to the model dtype).
     """
-    from flax import nnx
-
     from liveavatar_jax.weights.lora import LoraMergedCheckpoint
 
     ckpt = open_checkpoint(path)
     if lora is not None:
         ckpt = LoraMergedCheckpoint(ckpt, open_checkpoint(lora))
-    model = abstract_model(cfg)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    pure = keymap.load_params(params, ckpt, RULES, dtype=jnp.dtype(cfg.dtype), sharding=sharding)
-    nnx.replace_by_pure_dict(params, pure)
-    return nnx.merge(graphdef, params, rest)
+    return keymap.fill_model(abstract_model(cfg), ckpt, RULES, dtype=jnp.dtype(cfg.dtype), sharding=sharding)

@@ -207,3 +207,11 @@ def merge_into(abstract_state, pure: dict):
     """Returns a concrete NNX state: `abstract_state` with its leaves replaced by the loaded arrays."""
     nnx.replace_by_pure_dict(abstract_state, pure)
     return abstract_state
+
+
+def fill_model(abstract_model, ckpt, rules: Iterable[Rule], *, dtype=None, sharding=None):
+    """The model of `abstract_model` (from `nnx.eval_shape`) with its parameters read from `ckpt` through `rules`
+    (`load_params`: strict, one error for every mismatch); state that is not a parameter is kept as it is."""
+    graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
+    pure = load_params(params, ckpt, rules, dtype=dtype, sharding=sharding)
+    return nnx.merge(graphdef, merge_into(params, pure), rest)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from liveavatar_jax.models.umt5 import UMT5Config, UMT5Encoder
-from liveavatar_jax.weights.keymap import IDENTITY, LINEAR, Rule, load_params, merge_into
+from liveavatar_jax.weights.keymap import IDENTITY, LINEAR, Rule, fill_model
 from liveavatar_jax.weights.pth import open_weights
 
 UMT5_RULES = (
@@ -39,11 +39,9 @@ def load_umt5(path: str | os.PathLike, config: UMT5Config, dtype=jnp.float32) ->
 
     Strict: a missing, unexpected or mis-shaped tensor raises `CheckpointError` naming the file.
     """
-    graphdef, abstract_state = nnx.split(abstract_umt5(config, dtype))
     ckpt = open_weights(path)
     try:
-        pure = load_params(abstract_state, ckpt, UMT5_RULES, dtype=dtype)
+        return fill_model(abstract_umt5(config, dtype), ckpt, UMT5_RULES, dtype=dtype)
     finally:
         if hasattr(ckpt, "close"):
             ckpt.close()
-    return nnx.merge(graphdef, merge_into(abstract_state, pure))

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from liveavatar_jax.models.vae import VAEConfig, WanVAE
-from liveavatar_jax.weights.keymap import CONV2D, CONV3D, IDENTITY, Rule, load_params, merge_into
+from liveavatar_jax.weights.keymap import CONV2D, CONV3D, IDENTITY, Rule, fill_model
 from liveavatar_jax.weights.pth import open_weights
 
 
@@ -77,11 +77,9 @@ def load_vae(path: str | os.PathLike, config: VAEConfig, dtype=jnp.float32) -> W
 
     Strict: a missing, unexpected or mis-shaped tensor raises `CheckpointError` naming the file.
     """
-    graphdef, abstract_state = nnx.split(abstract_vae(config, dtype))
     ckpt = open_weights(path)
     try:
-        pure = load_params(abstract_state, ckpt, VAE_RULES, dtype=dtype)
+        return fill_model(abstract_vae(config, dtype), ckpt, VAE_RULES, dtype=dtype)
     finally:
         if hasattr(ckpt, "close"):
             ckpt.close()
-    return nnx.merge(graphdef, merge_into(abstract_state, pure))

@@ -21,7 +21,7 @@ from flax import nnx
 
 from liveavatar_jax.models.wav2vec2 import Wav2Vec2Config, Wav2Vec2ForCTC
 from liveavatar_jax.weights.checkpoint import Checkpoint, CheckpointError, open_checkpoint
-from liveavatar_jax.weights.keymap import CONV1D, LINEAR, Rule, load_params, merge_into
+from liveavatar_jax.weights.keymap import CONV1D, LINEAR, Rule, fill_model
 
 _W = "wav2vec2"
 _POS = f"{_W}.encoder.pos_conv_embed.conv"
@@ -159,6 +159,4 @@ def load_wav2vec2(path: str | os.PathLike, config: Wav2Vec2Config | None = None,
     view = _Wav2Vec2CheckpointView(ckpt, IGNORED_KEYS if ctc_head else IGNORED_KEYS | CTC_HEAD_KEYS)
 
     abstract = nnx.eval_shape(lambda: Wav2Vec2ForCTC(config, dtype=dtype, ctc_head=ctc_head, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    pure = load_params(state, view, WAV2VEC2_RULES, dtype=dtype)
-    return nnx.merge(graphdef, merge_into(state, pure))
+    return fill_model(abstract, view, WAV2VEC2_RULES, dtype=dtype)
