@@ -115,6 +115,9 @@ def main(argv=None) -> int:
         "max_s": max(times),
         "runs_s": times,
         "cpu_s_median": statistics.median(cpu_times),
+        # CPU seconds per wall second of the timed calls: about `threads` on a machine of our own, lower when other
+        # processes take CPU time from this one.
+        "effective_threads": sum(cpu_times) / sum(times),
         "warmup": args.warmup,
         "runs": args.runs,
         "official_median_s": official_s,
@@ -138,6 +141,8 @@ def main(argv=None) -> int:
     figure = (f"streaming decode of 1 block (3 latents 16x24 -> 12 frames 128x192), dim 96, f32, {len(cpus)} threads: "
               f"median {median:.2f} s of {args.runs} ({result['video_frames_per_s']:.2f} frames/s; official PyTorch "
               f"{official_s:.2f} s)" + ("" if malloc_tuned else ", glibc malloc defaults"))
+    if result["effective_threads"] < 0.8 * len(cpus):
+        figure += f"; machine shared: {result['effective_threads']:.1f} of {len(cpus)} threads effective"
     command = "python -m benchmarks.vae_decode" + (" --no-malloc-tuning" if args.no_malloc_tuning else "")
     record("vae_decode", figure, result, command)
     return 0
