@@ -65,7 +65,7 @@ def main():
     text = jax.jit(model.embed_text)(context)
     sink = jax.jit(model.sink_prefill)(ref_lat, motion, text)
     ring = RingCache.zeros(cfg.num_layers, 1, 9 * n_frame, cfg.num_heads, cfg.head_dim)   # 864 allocated, as timed
-    text_kv = jax.jit(model.text_kv)(text)
+    text_kv = jax.jit(model.text_kv, static_argnums=1)(text, context.shape[1])
     audio_enc = jax.jit(model.encode_audio)(audio)
     graphdef, state = nnx.split(model)
 

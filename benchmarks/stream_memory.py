@@ -39,8 +39,7 @@ def main():
     h = w = 8
     ref = jax.random.normal(jax.random.key(1), (1, 16, 1, h, w))
     motion = jax.random.normal(jax.random.key(2), (1, 16, 19, h, w))
-    from liveavatar_jax.streaming.engine import StreamContext
-    ctx = StreamContext(text=pipe.text_context("a person talks"), ref_latents=ref, motion_latents=motion)
+    ctx = pipe.stream_context("a person talks", ref, motion)
     audio = jax.random.normal(jax.random.key(3), (1, mc.audio_layers, mc.audio_dim, 12))
     state = pipe.engine.init(ctx, 0)
     samples = []

@@ -49,16 +49,15 @@ def main():
     dit, decoder, scfg = pipe.models.dit, pipe.decoder, pipe.stream_cfg
     mc = dit.cfg
     h = w = 8
-    ctx = StreamContext(text=pipe.text_context("a person talks"),
-                        ref_latents=jax.random.normal(jax.random.key(1), (1, 16, 1, h, w)),
-                        motion_latents=jax.random.normal(jax.random.key(2), (1, 16, 19, h, w)))
+    ref = jax.random.normal(jax.random.key(1), (1, 16, 1, h, w))
+    motion = jax.random.normal(jax.random.key(2), (1, 16, 19, h, w))
     audio = np.asarray(jax.random.normal(jax.random.key(3), (args.blocks, 1, mc.audio_layers, mc.audio_dim, 12)))
     frames_per_block = 4 * scfg.frames_per_block
     n = args.blocks
 
     # ---------------------------------------------------------------- one device
     single = StreamEngine(dit, scfg, decoder=decoder)
-    base_ctx, ctx = ctx, single.with_text_kv(ctx)        # as the pipeline streams: text keys/values once per prompt
+    ctx = pipe.stream_context("a person talks", ref, motion, engine=single)   # text keys/values once per prompt
     state = single.init(ctx, 0)                          # compile
     for g in range(scfg.steps + 2):
         state, out = single.step(state, ctx, audio[g])
@@ -78,7 +77,7 @@ def main():
 
     # ---------------------------------------------------------------- the pipeline
     engine = TPPEngine(dit, scfg, decoder=decoder, decode_on=args.decode_on, profile=True)
-    ctx = engine.with_text_kv(base_ctx)
+    ctx = pipe.stream_context("a person talks", ref, motion, engine=engine)
     tstate = engine.init(ctx, 0)                         # compile
     engine.run(tstate, ctx, audio[: scfg.steps + 2])
     # (a) profiled: every tick and decode awaited, giving the breakdown

@@ -265,9 +265,14 @@ class Pipeline:
         motion = vae.encode(jnp.repeat(jnp.asarray(ref_pixels)[None], repeats, axis=2))
         return ref, motion
 
-    def text_context(self, prompt: str):
+    def stream_context(self, prompt: str, ref_latents, motion_latents, engine=None) -> StreamContext:
+        """The stream's fixed inputs: the embedded prompt and its per-layer text keys/values (once per prompt, on
+        `engine`, the pipeline's own by default), the reference and motion latents."""
         context = self.models.text.encode(prompt)
-        return self._embed_text(jnp.asarray(context, self.models.dit.cfg.jnp_dtype)[None])
+        text = self._embed_text(jnp.asarray(context, self.models.dit.cfg.jnp_dtype)[None])
+        ctx = StreamContext(text=text, ref_latents=ref_latents, motion_latents=motion_latents,
+                            text_tokens=int(context.shape[0]))
+        return (engine or self.engine).with_text_kv(ctx)
 
     def prepare(self, image, audio, prompt: str, *, plan: Plan) -> Prepared:
         pixels = image_io.preprocess_reference(image, plan.height, plan.width)
@@ -282,8 +287,7 @@ class Pipeline:
         from liveavatar_jax.streaming.engine import split_audio_blocks
         blocks = split_audio_blocks(emb.astype(self.models.dit.cfg.jnp_dtype), self.stream_cfg.frames_per_block,
                                     0, plan.blocks)
-        ctx = self.engine.with_text_kv(StreamContext(text=self.text_context(prompt), ref_latents=ref,
-                                                     motion_latents=motion))
+        ctx = self.stream_context(prompt, ref, motion)
         return Prepared(plan=plan, ctx=ctx, audio_blocks=blocks, waveform=wav)
 
     def _emitted(self, state, ctx, feed):
@@ -333,8 +337,7 @@ class Pipeline:
         h, w = image_io.size_for_area(image.height, image.width, self.config.size)
         pixels = image_io.preprocess_reference(image, h, w)
         ref, motion = self.reference_latents(pixels)
-        ctx = self.engine.with_text_kv(StreamContext(text=self.text_context(prompt), ref_latents=ref,
-                                                     motion_latents=motion))
+        ctx = self.stream_context(prompt, ref, motion)
         enc = audio_io.StreamingAudioEncoder(self.models.audio, total_samples=total_samples,
                                              right_context_frames=max(1, int(round(lookahead_s * 50))),
                                              frames_per_block=FRAMES_PER_LATENT * self.stream_cfg.frames_per_block)

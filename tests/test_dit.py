@@ -101,6 +101,55 @@ def test_ring_writes_only_the_block_slot_and_wraps(tiny_model, fixture_cfg, fixt
         np.testing.assert_array_equal(changed, expected)
 
 
+def test_text_padding_folds_into_one_key(fixture_cfg):
+    """text_kv(text, n) keeps the real tokens and a bucket of padding rows, the last carrying log(#dropped + 1):
+    the block output must equal the one computed over every padding row."""
+    import dataclasses
+
+    from flax import nnx
+
+    from liveavatar_jax.models.dit import TEXT_KEY_BUCKET, CausalS2VDiT
+    from liveavatar_jax.weights.random_init import randomize
+
+    cfg = dataclasses.replace(fixture_cfg, text_len=4 * TEXT_KEY_BUCKET)
+    model = randomize(nnx.eval_shape(lambda: CausalS2VDiT(cfg, rngs=nnx.Rngs(0))), 3)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.normal(size=(1, 16, 3, 8, 16)), jnp.float32)
+    audio = jnp.asarray(rng.normal(size=(1, cfg.audio_layers, cfg.audio_dim, 12)), jnp.float32)
+    ref = jnp.asarray(rng.normal(size=(1, 16, 1, 8, 16)), jnp.float32)
+    motion = jnp.asarray(rng.normal(size=(1, 16, 19, 8, 16)), jnp.float32)
+    ring = RingCache.zeros(cfg.num_layers, 1, 12 * 32, cfg.num_heads, cfg.head_dim)
+    fwd = jax.jit(lambda text, kv, sink: model.block_forward(x, jnp.asarray([800.0]), text, audio, ring, sink, 3, 10,
+                                                               text_kv=kv)[0])
+    for n, kept in [(5, TEXT_KEY_BUCKET), (TEXT_KEY_BUCKET + 7, 2 * TEXT_KEY_BUCKET), (cfg.text_len, cfg.text_len)]:
+        text = model.embed_text(jnp.asarray(rng.normal(size=(1, n, cfg.text_dim)), jnp.float32))
+        sink = model.sink_prefill(ref, motion, text)
+        k, v, bias = model.text_kv(text, n)
+        assert k.shape[2] == kept and (bias is None) == (kept == cfg.text_len)
+        full, folded = fwd(text, None, sink), fwd(None, (k, v, bias), sink)
+        rel = float(jnp.linalg.norm(folded - full) / jnp.linalg.norm(full))
+        assert rel < 1e-5, (n, rel)
+
+
+def test_filling_ring_reads_only_its_filled_prefix(tiny_model, fixture_dir):
+    """Slots past the filled prefix are never read: NaNs there leave the output finite and unchanged."""
+    model = tiny_model
+    inp = load_file(str(fixture_dir / "inputs.safetensors"))
+    text = model.embed_text(jnp.asarray(inp["context"])[None])
+    sink = jax.jit(model.sink_prefill)(jnp.asarray(inp["ref_latents"]), jnp.asarray(inp["motion_latents"]), text)
+    capacity = 9 * 32
+    rng = np.random.default_rng(0)
+    k = rng.normal(size=(2, 1, capacity, 2, 32)).astype(np.float32)
+    v = rng.normal(size=(2, 1, capacity, 2, 32)).astype(np.float32)
+    k_nan, v_nan = k.copy(), v.copy()
+    k_nan[:, :, 6 * 32:], v_nan[:, :, 6 * 32:] = np.nan, np.nan     # block 1 writes frames 3-5; 6-8 are unfilled
+    fwd = jax.jit(lambda ring: model.block_forward(jnp.asarray(inp["block0.x"])[None], jnp.asarray([1000.0]), text,
+                                                   jnp.asarray(inp["block0.audio_input"]), ring, sink, 3, 10)[0])
+    clean = fwd(RingCache(k=jnp.asarray(k), v=jnp.asarray(v)))
+    dirty = fwd(RingCache(k=jnp.asarray(k_nan), v=jnp.asarray(v_nan)))
+    np.testing.assert_array_equal(np.asarray(dirty), np.asarray(clean))
+
+
 def test_lora_merges_into_targets(tmp_path, fixture_dir, fixture_cfg):
     base = load_file(str(fixture_dir / "weights.safetensors"))
     rng = np.random.default_rng(1)

@@ -17,6 +17,8 @@ production); RoPE cos/sin rounded to float16; the text cross-attention pre-norm 
 
 from __future__ import annotations
 
+import functools
+
 import dataclasses
 from collections.abc import Mapping, Sequence
 
@@ -210,9 +212,10 @@ class Attention(nnx.Module):
         return self.o(y.reshape(*y.shape[:-2], -1))
 
     def cross(self, x, ctx=None, kv=None):
-        """Cross-attention of x to `ctx`, or to its keys/values `kv` when they were projected beforehand."""
-        k, v = kv if kv is not None else self.project_kv(ctx)
-        return self.out(attention(self.project_q(x), k, v))
+        """Cross-attention of x to `ctx`, or to its keys, values and key bias `kv` when they were projected
+        beforehand (see `CausalS2VDiT.text_kv`)."""
+        k, v, bias = kv if kv is not None else (*self.project_kv(ctx), None)
+        return self.out(attention(self.project_q(x), k, v, key_bias=bias))
 
 
 class Block(nnx.Module):
@@ -232,7 +235,7 @@ class Block(nnx.Module):
     def __call__(self, x, e0, text, self_attention, text_kv=None):
         """x [B, L, D] in the block dtype; e0 [B, F, 6, D] float32 per-frame time rows; `self_attention(h) -> y`
         runs the attention (the caller decides which keys: the sink prefill and the streaming block differ);
-        `text_kv`, when given, is this layer's projected text keys/values (see `CausalS2VDiT.text_kv`)."""
+        `text_kv`, when given, is this layer's projected text keys, values and key bias (`CausalS2VDiT.text_kv`)."""
         dt = x.dtype
         m = self.modulation[...].astype(jnp.float32)[None, None] + e0
         shift1, scale1, gate1, shift2, scale2, gate2 = (m[:, :, i] for i in range(6))
@@ -367,6 +370,9 @@ def _stacked(factory, n: int, rngs: nnx.Rngs):
     return make(rngs)
 
 
+TEXT_KEY_BUCKET = 32   # text keys kept per prompt are a multiple of this (see CausalS2VDiT.text_kv)
+
+
 def sinusoidal_embedding(t, dim: int):
     """[cos(t w_j), sin(t w_j)] with w_j = 10000^(-j/half), t float32 [...].
 
@@ -440,15 +446,30 @@ class CausalS2VDiT(nnx.Module):
         dt = self.cfg.jnp_dtype
         return tokens[:, drop - skip // 4:].astype(dt), glob[:, drop - skip // 4:].astype(dt)
 
-    def text_kv(self, text):
-        """Every layer's text cross-attention keys and values [layers, B, text_len, heads, head_dim], computed once
-        per prompt instead of in every call (the official code recomputes them; the result is the same)."""
+    def text_kv(self, text, num_tokens: int | None = None):
+        """Every layer's text cross-attention keys and values [layers, B, keys, heads, head_dim] and a per-key logit
+        bias [layers, keys] (or None), computed once per prompt instead of in every call (the official code
+        recomputes them).
+
+        `num_tokens` (static), the prompt's real token count, lets most of the text_len - num_tokens padding rows
+        fold into one key: they are all the embedding of a zero row, hence identical, and softmax over c identical
+        keys equals softmax over one of them with log(c) added to its logit. The keys kept are the first
+        num_tokens + 1 rows rounded up to a multiple of TEXT_KEY_BUCKET (so prompts of similar length share one
+        compiled step); the last kept row, a padding row, carries the weight of the padding dropped after it.
+        """
         block_def, block_state = nnx.split(self.blocks)
+        text_len = text.shape[1]
+        kept = text_len if num_tokens is None else min(text_len, -(-(int(num_tokens) + 1) // TEXT_KEY_BUCKET)
+                                                       * TEXT_KEY_BUCKET)
 
         def body(_, layer_state):
-            return None, nnx.merge(block_def, layer_state).cross_attn.project_kv(text)
+            return None, nnx.merge(block_def, layer_state).cross_attn.project_kv(text[:, :kept])
 
-        return jax.lax.scan(body, None, block_state)[1]
+        k, v = jax.lax.scan(body, None, block_state)[1]
+        if kept == text_len:
+            return k, v, None
+        bias = jnp.zeros((kept,), jnp.float32).at[-1].set(np.log(text_len - kept + 1))
+        return k, v, jnp.broadcast_to(bias, (self.cfg.num_layers, kept))
 
     # ------------------------------------------------------------------------------------------------ positions
 
@@ -601,6 +622,7 @@ class CausalS2VDiT(nnx.Module):
         offset = (first_frame % ring_frames) * n_frame
         valid = jnp.minimum(first_frame + f, ring_frames) * n_frame
         n_sink = sink.length
+        prefixes = sorted({min(m * f, ring_frames) * n_frame for m in range(1, -(-ring_frames // f) + 1)})
 
         def attend(attn, hs, cache_l):
             ring_k, ring_v, sink_k, sink_v = cache_l
@@ -611,9 +633,17 @@ class CausalS2VDiT(nnx.Module):
             ring_k = jax.lax.dynamic_update_slice_in_dim(ring_k, kr.astype(ring_k.dtype), offset, axis=1)
             ring_v = jax.lax.dynamic_update_slice_in_dim(ring_v, v.astype(ring_v.dtype), offset, axis=1)
             sink_kr = rope.apply(sink_k, sink_tab).astype(v.dtype)
-            keys = jnp.concatenate([sink_kr, ring_k.astype(v.dtype)], axis=1)
-            vals = jnp.concatenate([sink_v.astype(v.dtype), ring_v.astype(v.dtype)], axis=1)
-            y = attention(qr, keys, vals, num_valid_keys=n_sink + valid, implementation=attention_impl)
+
+            def attend_prefix(length, ring_k, ring_v):
+                keys = jnp.concatenate([sink_kr, ring_k[:, :length].astype(v.dtype)], axis=1)
+                vals = jnp.concatenate([sink_v.astype(v.dtype), ring_v[:, :length].astype(v.dtype)], axis=1)
+                return attention(qr, keys, vals, num_valid_keys=n_sink + valid, implementation=attention_impl)
+
+            # While the ring fills, its valid slots are a prefix: attend the shortest whole-block prefix that holds
+            # them (one switch branch per fill level), so a filling ring costs only the keys it has.
+            shortest = jnp.sum(jnp.asarray(prefixes[:-1]) < valid)      # the first prefix holding `valid` keys
+            y = jax.lax.switch(shortest,
+                               [functools.partial(attend_prefix, n) for n in prefixes], ring_k, ring_v)
             return attn.out(y), (ring_k, ring_v, sink_kr if debug else None)
 
         def inject(injector, x):

@@ -209,7 +209,7 @@ class TPPEngine:
         self._tick = jax.jit(self._tick_impl, donate_argnums=(1,))
         self._prime = jax.jit(self._prime_impl, static_argnums=(2,))
         self._decode = jax.jit(self._decode_impl, donate_argnums=(1,))
-        self._text_kv = jax.jit(lambda params, text: self.merged(params).text_kv(text))
+        self._text_kv = jax.jit(lambda params, text, n: self.merged(params).text_kv(text, n), static_argnums=2)
 
     def merged(self, params):
         return nnx.merge(self.graphdef, params)
@@ -258,7 +258,7 @@ class TPPEngine:
         ctx = self.prepare(ctx)
         if ctx.text_kv is not None:
             return ctx
-        return ctx.replace(text_kv=self._text_kv(self.params, ctx.text))
+        return ctx.replace(text_kv=self._text_kv(self.params, ctx.text, ctx.text_tokens))
 
     def prepare(self, ctx: StreamContext) -> StreamContext:
         """The context replicated over the mesh (done once; `init`, `run` and `step` accept either form)."""

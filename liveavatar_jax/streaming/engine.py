@@ -57,11 +57,13 @@ class StreamState:
 @struct.dataclass
 class StreamContext:
     """Per-stream inputs that never change: the embedded prompt (and, once `with_text_kv` ran, every layer's text
-    keys/values), the original reference and motion latents."""
+    keys/values), the original reference and motion latents. `text_tokens`, the prompt's real token count (the rest
+    of `text` is padding), lets `with_text_kv` fold the padding rows into one key (`CausalS2VDiT.text_kv`)."""
     text: jnp.ndarray
     ref_latents: jnp.ndarray
     motion_latents: jnp.ndarray
     text_kv: tuple | None = None
+    text_tokens: int | None = struct.field(pytree_node=False, default=None)
 
 
 def block_noise(key, block, shape, dtype=jnp.float32):
@@ -97,7 +99,7 @@ class StreamEngine:
         self._step = jax.jit(self._step_impl, static_argnames=("trace",), donate_argnums=(1,))
         self._run = jax.jit(self._run_impl, static_argnames=("trace",), donate_argnums=(1,))
         self._init = jax.jit(self._init_impl)
-        self._text_kv = jax.jit(lambda params, text: self.merged(params).text_kv(text))
+        self._text_kv = jax.jit(lambda params, text, n: self.merged(params).text_kv(text, n), static_argnums=2)
         self._replace_sink = jax.jit(self._replace_sink_impl, donate_argnums=(1,))
 
     def merged(self, params):
@@ -124,7 +126,7 @@ class StreamEngine:
         """The context with every layer's text keys/values computed once (they never change within a stream)."""
         if ctx.text_kv is not None:
             return ctx
-        return ctx.replace(text_kv=self._text_kv(self.params, ctx.text))
+        return ctx.replace(text_kv=self._text_kv(self.params, ctx.text, ctx.text_tokens))
 
     def init(self, ctx: StreamContext, seed_or_key) -> StreamState:
         key = jax.random.key(seed_or_key) if isinstance(seed_or_key, int) else seed_or_key

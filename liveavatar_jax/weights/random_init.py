@@ -8,6 +8,7 @@ in range. Used for the embedded default before trained weights exist, for benchm
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -30,5 +31,6 @@ def randomize(abstract_module, seed: int = 0):
     graphdef, state = nnx.split(abstract_module)
     flat = flat_paths(state)
     values = {path: _fill(path, leaf.shape, np.dtype(leaf.dtype), rng) for path, leaf in flat.items()}
-    nnx.replace_by_pure_dict(state, _nest(values))
+    # Device arrays, not numpy: a jitted call would otherwise copy every numpy leaf to the device on every call.
+    nnx.replace_by_pure_dict(state, _nest(jax.device_put(values)))
     return nnx.merge(graphdef, state)
