@@ -19,14 +19,20 @@ def model_14b() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, text_dim=4096, text_len=512, audio_dim=1024,
         audio_layers=25, audio_inject_layers=(0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39), dtype="bfloat16",
-        checkpoint="", init_seed=0))
+        checkpoint="", checkpoint_item="ema", init_seed=0))
 
 
 def model_tiny() -> ml_collections.ConfigDict:
     """The DiT of the dit_s2v_causal fixture: dim 64, 2 heads, 2 layers, float32."""
     return ml_collections.ConfigDict(dict(
         dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32, text_len=32, audio_dim=32, audio_layers=25,
-        audio_inject_layers=(0, 1), dtype="float32", checkpoint="", init_seed=0))
+        audio_inject_layers=(0, 1), dtype="float32", checkpoint="", checkpoint_item="ema", init_seed=0))
+
+
+def model_from(model: dict, dtype: str = "float32") -> ml_collections.ConfigDict:
+    """A training `model` entry for the DiT of an inference config's `model` dict (e.g. configs/tiny.py), so the
+    trained weights have exactly the shapes `infer.stream` builds."""
+    return ml_collections.ConfigDict(dict(model, dtype=dtype, checkpoint="", checkpoint_item="ema", init_seed=0))
 
 
 def spec_for(model: ml_collections.ConfigDict, frames: int, height: int, width: int) -> ml_collections.ConfigDict:
@@ -51,7 +57,9 @@ def common(stage: str, model: ml_collections.ConfigDict, frames: int, height: in
     c.async_checkpointing = True
     c.log_every = 1
     c.tensorboard = True
-    c.export_lora = True
+    c.export_lora = True               # write the trained weights at the end (PEFT adapters or official DiT file)
+    # "lora": adapters on the frozen base (LiveAvatar at 14B); "full": every DiT parameter (trained from scratch)
+    c.train_params = "lora"
     c.compilation_cache = ""           # a folder for XLA's persistent compilation cache (restarts skip compiles)
     c.attention_impl = "xla"           # "cudnn": fused flash attention on GPU (needed at 14B sequence lengths)
     c.remat = "none"                   # per-layer rematerialisation: see dit.REMAT_POLICIES
@@ -68,6 +76,7 @@ def common(stage: str, model: ml_collections.ConfigDict, frames: int, height: in
 def pretrain(model, frames: int, height: int, width: int) -> ml_collections.ConfigDict:
     c = common("pretrain", model, frames, height, width)
     c.pretrain = ml_collections.ConfigDict(dict(
+        causal=True,                   # False: the bidirectional teacher (one level per clip, full attention)
         frames_per_block=3, shift=5.0, motion_noise=True, motion_max_t=1000.0, drop_audio=0.15, drop_text=0.0,
         rope_offset_max=0, rolling_sink=True, relative_dist=(4, 30)))
     c.optimizer = optimizer(5e-5, b1=0.9, weight_decay=0.01, clip_norm=1.0)
@@ -80,7 +89,7 @@ def distill(model, blocks: int, height: int, width: int) -> ml_collections.Confi
     d = c.distill
     d.generator_every = 5
     d.motion = "static"                # FramePack input: the reference repeated (as at inference) or "clip" frames
-    d.init_student = ""                # Stage-1 workdir / checkpoints folder, or a PEFT LoRA safetensors file
+    d.init_student = ""                # Stage-1 workdir / checkpoints folder, or a PEFT LoRA (full: DiT) file
     d.init_student_item = "ema"        # which Stage-1 item seeds the student: "ema" or "lora"
     d.rollout = ml_collections.ConfigDict(dict(
         num_blocks=blocks, frames_per_block=3, ring_blocks=4, steps=4, shift=3.0, update="euler", cache="per_step",

@@ -126,7 +126,13 @@ def add_lora(model: CausalS2VDiT, cfg: LoRAConfig, key) -> CausalS2VDiT:
 
 @dataclasses.dataclass
 class Networks:
-    """One frozen base and the two graph definitions that run it with and without adapters."""
+    """One frozen base and the two graph definitions that run it with and without adapters.
+
+    With `full` (config `train_params = "full"`, for networks trained from scratch) the trained tree is every DiT
+    parameter instead of adapters: `adapted(params, base)` runs `params` alone and the base only seeds the trees and
+    serves as the frozen teacher (`plain`). Everything that takes "adapters" (steps, rollout, checkpoints) then takes
+    the full parameter tree unchanged.
+    """
 
     plain_def: nnx.GraphDef
     lora_def: nnx.GraphDef
@@ -134,12 +140,27 @@ class Networks:
     lora_template: dict     # pure dict of ShapeDtypeStructs: the adapter tree's shapes and dtypes
     model_cfg: DiTConfig
     lora_cfg: LoRAConfig
+    full: bool = False
 
     def plain(self, base=None) -> CausalS2VDiT:
         return nnx.merge(self.plain_def, self.base if base is None else base)
 
     def adapted(self, lora, base=None) -> CausalS2VDiT:
+        """The trained network: base + adapters, or (full) the parameter tree `lora` itself."""
+        if self.full:
+            return nnx.merge(self.plain_def, lora)
         return nnx.merge(self.lora_def, lora, self.base if base is None else base)
+
+    @property
+    def trainable_template(self) -> dict:
+        """Shapes and dtypes of the trained tree: the adapters, or (full) the base parameters."""
+        return self.abstract_base() if self.full else self.lora_template
+
+    def abstract_base(self) -> dict:
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.base)
+
+    def abstract_trainable(self) -> dict:
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.trainable_template)
 
     def init_lora(self, key) -> dict:
         """A fresh adapter tree: A kaiming-uniform from `key`, B zero (the adapted network equals the base)."""
@@ -159,14 +180,15 @@ class Networks:
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.lora_template)
 
 
-def build_networks(model: CausalS2VDiT, lora_cfg: LoRAConfig) -> Networks:
+def build_networks(model: CausalS2VDiT, lora_cfg: LoRAConfig, full: bool = False) -> Networks:
     """Splits `model` (concrete or abstract, from `nnx.eval_shape`) into its frozen base and the adapted/plain graph
-    definitions. The adapter template is abstract: `Networks.init_lora` makes the arrays (under jit, sharded)."""
+    definitions. The adapter template is abstract: `Networks.init_lora` makes the arrays (under jit, sharded).
+    `full`: the trained tree is the whole parameter set (see `Networks`)."""
     plain_def, base_state = nnx.split(model, nnx.Param)
     adapted = nnx.eval_shape(lambda: add_lora(nnx.merge(plain_def, base_state), lora_cfg, jax.random.key(0)))
     lora_def, lora_state, _ = nnx.split(adapted, nnx.LoRAParam, nnx.Param)
     return Networks(plain_def=plain_def, lora_def=lora_def, base=nnx.to_pure_dict(base_state),
-                    lora_template=nnx.to_pure_dict(lora_state), model_cfg=model.cfg, lora_cfg=lora_cfg)
+                    lora_template=nnx.to_pure_dict(lora_state), model_cfg=model.cfg, lora_cfg=lora_cfg, full=full)
 
 
 def count(tree) -> int:

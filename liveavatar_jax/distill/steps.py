@@ -8,6 +8,8 @@ critic iterations. Every random draw comes from `train_state.step_key(state.rng,
 Stage 1 (training.md 5.2): a real clip is noised with an independent level per block (shifted training grid), the
 motion latents with an independent level per motion frame (uniform, the "scaffold"), audio and text are dropped
 per sample, and the student (base + adapters) predicts the velocity with block-causal attention over the whole clip.
+With `causal=False` the same step trains the bidirectional teacher instead (Wan's flow matching: one level per clip,
+the whole clip attends to the whole clip, the forward DMD's teacher and critic run).
 
 Stage 2 (training.md 3-4): the student rolls out (`rollout.py`); the frozen bidirectional teacher with classifier-free
 guidance (negative prompt and zero audio for the null branch) gives x0_real, the critic (base + its own adapters)
@@ -37,6 +39,7 @@ CRITIC_STREAM = 100                 # key stream of the critic's iteration (the 
 
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
+    causal: bool = True                 # False: the bidirectional teacher (one noise level per clip, full attention)
     frames_per_block: int = 3
     shift: float = 5.0                  # training-grid shift of the per-block noise levels
     motion_noise: bool = True           # the noisy motion-frame scaffold
@@ -84,10 +87,11 @@ def _bcast(v, ndim):
 
 # ----------------------------------------------------------------------------------------------------- Stage 1
 
-def pretrain_loss(networks: Networks, lora, base, batch: Mapping, key, cfg: PretrainConfig):
+def pretrain_velocity(networks: Networks, lora, base, batch: Mapping, key, cfg: PretrainConfig):
+    """The noised clip's predicted velocity and its target parts: (v, noise, x0, sigma [B, F])."""
     x0 = batch["latents"].astype(jnp.float32)
     b, c, f, h, w = x0.shape
-    fpb = cfg.frames_per_block
+    fpb = cfg.frames_per_block if cfg.causal else f     # the teacher's clip is one block: one level per clip
     nb = f // fpb
     k_noise, k_time, k_motion, k_drop, k_rope = (jax.random.fold_in(key, s)
                                                  for s in (_S_NOISE, _S_TIME, _S_MOTION, _S_DROP, _S_ROPE))
@@ -104,11 +108,14 @@ def pretrain_loss(networks: Networks, lora, base, batch: Mapping, key, cfg: Pret
     k_da, k_dt = jax.random.split(k_drop)
     audio = batch["audio"] * _bcast(_bernoulli_keep(k_da, b, cfg.drop_audio), batch["audio"].ndim)
     text = batch["text"] * _bcast(_bernoulli_keep(k_dt, b, cfg.drop_text), batch["text"].ndim)
+    model = networks.adapted(lora, base)
+    if not cfg.causal:
+        cond = {"text": text, "audio": audio, "ref_latents": batch["ref_latents"], "motion_latents": motion}
+        return _bidirectional(model, x_t, 1000.0 * sigma[:, 0], cond, cfg), noise, x0, sigma
 
     k_off, k_dist = jax.random.split(k_rope)
     first = jax.random.randint(k_off, (), 0, cfg.rope_offset_max + 1)
     ref_positions = None
-    model = networks.adapted(lora, base)
     if cfg.rolling_sink:
         lo, hi = cfg.relative_dist
         d = jax.random.randint(k_dist, (nb,), lo, hi + 1)
@@ -120,8 +127,12 @@ def pretrain_loss(networks: Networks, lora, base, batch: Mapping, key, cfg: Pret
         model, x_t.astype(dt), 1000.0 * sigma, model.embed_text(text), audio, batch["ref_latents"], motion,
         mode="block_causal", frames_per_block=fpb, first_frame=first, ref_positions=ref_positions,
         audio_per_block=True, remat=cfg.remat, attention_impl=cfg.attention_impl)
-    loss = losses.flow_matching_loss(v, noise, x0)
-    return loss, {"sigma_mean": jnp.mean(sigma)}
+    return v, noise, x0, sigma
+
+
+def pretrain_loss(networks: Networks, lora, base, batch: Mapping, key, cfg: PretrainConfig):
+    v, noise, x0, sigma = pretrain_velocity(networks, lora, base, batch, key, cfg)
+    return losses.flow_matching_loss(v, noise, x0), {"sigma_mean": jnp.mean(sigma)}
 
 
 def pretrain_step(networks: Networks, tx: optax.GradientTransformation, cfg: PretrainConfig, ema_decay: float,
@@ -152,7 +163,8 @@ def _score_inputs(video, key, cfg: DMDConfig):
     return t, sigma, eps, losses.add_noise(video, eps, sigma)
 
 
-def _bidirectional(model, x_t, t, cond, cfg: DMDConfig):
+def _bidirectional(model, x_t, t, cond, cfg):
+    """The teacher's forward: one level `t` [B] per clip, every token attends to every token."""
     dt = model.cfg.jnp_dtype
     f = x_t.shape[2]
     return dit_sequence.sequence_forward(

@@ -4,6 +4,13 @@
 `liveavatar_jax/distill/config.py` and `configs/*.py`) and a work directory; `fit()` resumes from the newest usable
 checkpoint in WORKDIR/checkpoints (config checked, data position and RNG restored) and runs to `total_steps`.
 
+`config.train_params` picks what trains: "lora" (LiveAvatar's recipe: adapters on one frozen base) or "full" (every
+DiT parameter, for networks trained from scratch such as the tiny world's; the frozen base then seeds the trees and
+is the teacher). `model.checkpoint` and `distill.init_student` take released/exported safetensors or a previous
+run's folder (its newest checkpoint's `model.checkpoint_item` / `distill.init_student_item`, "ema" by default), so
+the recipe chains: teacher run -> Stage 1 (student from the teacher) -> Stage 2 (student from Stage 1, teacher and
+critic from the teacher run).
+
 Every iteration fetches its metrics, so a non-finite loss stops the run at once (`NonFiniteLossError` naming the step
 and the batch's examples) before anything is checkpointed. Stage 2 runs as jitted programs that the host chains:
 `rollout` (gradient-free student clip, shared by the generator and the critic iterations), `direction` (teacher with
@@ -32,6 +39,7 @@ from liveavatar_jax.data.loader import make_iterator
 from liveavatar_jax.distill import steps as steps_lib
 from liveavatar_jax.distill import train_state as ts
 from liveavatar_jax.distill.checkpoint import Checkpointer
+from liveavatar_jax.distill.export import export_dit
 from liveavatar_jax.distill.lora import LoRAConfig, Networks, build_networks, export_peft, import_peft
 from liveavatar_jax.distill.metrics import MetricsLogger
 from liveavatar_jax.distill.rollout import RolloutConfig
@@ -41,6 +49,7 @@ from liveavatar_jax.models.dit import DiTConfig, abstract_model, build, count_pa
 log = logging.getLogger("liveavatar_jax.train")
 CHECKPOINT_DIR = "checkpoints"
 RANDOM_INIT_LIMIT = 2_000_000_000      # parameters; larger bases must come from a checkpoint
+TRAIN_PARAMS = ("lora", "full")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -92,22 +101,91 @@ def _param_sharding_fn(model_cfg: DiTConfig, mesh):
     return lambda path: jax.sharding.NamedSharding(mesh, ts.fsdp_spec(tuple(flat[path].shape), size))
 
 
+def train_params(config) -> str:
+    mode = config.get("train_params", "lora")
+    if mode not in TRAIN_PARAMS:
+        raise ValueError(f"config.train_params must be one of {TRAIN_PARAMS}, got {mode!r}")
+    return mode
+
+
+def run_checkpoints(path) -> Path | None:
+    """The checkpoints folder of a training run (given as WORKDIR or WORKDIR/checkpoints), or None."""
+    p = Path(path)
+    if (p / CHECKPOINT_DIR).is_dir():
+        return p / CHECKPOINT_DIR
+    if p.is_dir() and any(c.is_dir() and c.name.isdigit() for c in p.iterdir()):
+        return p
+    return None
+
+
+def restore_from_run(path, item: str, abstract, *, full: bool) -> dict:
+    """`item` ("ema", "lora", "gen", "critic", ...) of the newest checkpoint of the run at `path`, restored into
+    `abstract` (ShapeDtypeStructs carrying the target shardings). `full`: whether full DiT weights are wanted (the
+    run must have trained the same kind of tree)."""
+    import orbax.checkpoint as ocp
+
+    ckpt_dir = run_checkpoints(path)
+    if ckpt_dir is None:
+        raise FileNotFoundError(f"{path}: not a training run folder (no {CHECKPOINT_DIR}/<step>/ inside)")
+    ckpt = Checkpointer(ckpt_dir, (item,), keep=1000, async_save=False)
+    try:
+        steps = ckpt.steps()
+        if not steps:
+            raise FileNotFoundError(f"{ckpt_dir}: the run has no checkpoint yet")
+        step = steps[-1]
+        items = sorted(c.name for c in (ckpt_dir / str(step)).iterdir() if c.is_dir() and c.name != "meta")
+        if item not in items:
+            raise KeyError(f"{ckpt_dir}/{step} has no item {item!r} (it holds {', '.join(items)})")
+        saved = ckpt.read_meta(step).get("config", {}).get("train_params", "lora")
+        if (saved == "full") != full:
+            want = "full DiT weights" if full else "LoRA adapters"
+            raise ValueError(f"{ckpt_dir}/{step} is a train_params={saved!r} run; this run needs {want} from it")
+        out = ckpt.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}))
+    finally:
+        ckpt.close()
+    log.info("%s from %s/%d", item, ckpt_dir, step)
+    return out[item]
+
+
+def _abstract_params(mcfg: DiTConfig, mesh) -> dict:
+    from flax import nnx
+
+    _, params, _ = nnx.split(abstract_model(mcfg), nnx.Param, ...)
+    tree = nnx.to_pure_dict(params)
+    return ts.abstract_with_sharding(tree, ts.tree_shardings(tree, mesh))
+
+
+def _model_from_params(mcfg: DiTConfig, tree: dict):
+    from flax import nnx
+
+    from liveavatar_jax.weights import keymap
+
+    graphdef, params, rest = nnx.split(abstract_model(mcfg), nnx.Param, ...)
+    return nnx.merge(graphdef, keymap.merge_into(params, tree), rest)
+
+
 def build_networks_on_mesh(config, mesh) -> Networks:
-    """The frozen base (loaded from `model.checkpoint`, or randomly initialised from `model.init_seed` when empty),
-    sharded over the mesh, and the adapter graph definitions."""
+    """The frozen base (loaded from `model.checkpoint`: official safetensors or a full-training run folder; or
+    randomly initialised from `model.init_seed` when empty), sharded over the mesh, and the graph definitions."""
     mcfg = model_config(config)
     lora_cfg = LoRAConfig.from_dict(config.lora)
-    if config.model.checkpoint:
+    source = config.model.checkpoint
+    if source and run_checkpoints(source) is not None:
+        # a previous full-training run (the teacher run for Stage 1 and Stage 2)
+        tree = restore_from_run(source, config.model.get("checkpoint_item", "ema"), _abstract_params(mcfg, mesh),
+                                full=True)
+        model = _model_from_params(mcfg, tree)
+    elif source:
         from liveavatar_jax.weights.dit_keys import load_dit
 
-        model = load_dit(config.model.checkpoint, mcfg, sharding=_param_sharding_fn(mcfg, mesh))
+        model = load_dit(source, mcfg, sharding=_param_sharding_fn(mcfg, mesh))
     else:
         size = count_params(abstract_model(mcfg))
         if size > RANDOM_INIT_LIMIT:
             raise ValueError(f"config.model.checkpoint is empty: a {size / 1e9:.1f}B-parameter base needs its weights "
                              "(--config.model.checkpoint=DIR); random initialisation is for small test models")
         model = build(mcfg, seed=int(config.model.init_seed))
-    networks = build_networks(model, lora_cfg)
+    networks = build_networks(model, lora_cfg, full=train_params(config) == "full")
     networks.base = jax.device_put(networks.base, ts.tree_shardings(networks.base, mesh))
     return networks
 
@@ -120,6 +198,7 @@ class _Trainer:
     stage = ""
     item_names: tuple = ()
     fields = FIELDS
+    headline = ("loss",)
 
     def __init__(self, config, workdir, mesh=None):
         setup_runtime(config)
@@ -130,6 +209,7 @@ class _Trainer:
             raise ValueError(f"config stage {config.stage!r} given to the {self.stage} trainer")
         if not config.data.path:
             raise ValueError("config.data.path is empty: point it at a dataset folder (see train.preprocess)")
+        self.full = train_params(config) == "full"
         self.mesh = make_mesh(config) if mesh is None else mesh
         self.spec = example_spec(config)
         index = read_index(config.data.path)
@@ -140,7 +220,8 @@ class _Trainer:
                              f"devices of the mesh {dict(self.mesh.shape)}")
         self.networks = build_networks_on_mesh(config, self.mesh)
         self.base = self.networks.base
-        self.lora_shardings = ts.tree_shardings(self.networks.lora_template, self.mesh)
+        # the trained tree's shardings: adapters, or (full) the whole parameter set
+        self.lora_shardings = ts.tree_shardings(self.networks.trainable_template, self.mesh)
         self.checkpointer = Checkpointer(self.workdir / CHECKPOINT_DIR, self.item_names,
                                          keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing))
         self.data = make_iterator(config.data.path, self.spec, global_batch=int(config.data.batch_size),
@@ -152,7 +233,10 @@ class _Trainer:
 
     # -------------------------------------------------------------------------------------------- helpers
 
-    def init_lora(self, seed: int):
+    def init_trainable(self, seed: int):
+        """A fresh trained tree: new adapters (identity), or (full) a copy of the base."""
+        if self.full:
+            return jax.jit(lambda b: jax.tree.map(jnp.copy, b), out_shardings=self.lora_shardings)(self.base)
         return jax.jit(self.networks.init_lora, out_shardings=self.lora_shardings)(jax.random.key(seed))
 
     def next_batch(self):
@@ -200,12 +284,46 @@ class _Trainer:
         items = {k: getattr(state, k) for k in self.item_names}
         self.checkpointer.save(step, items, self.meta(step, state))
 
+    @property
+    def kind(self) -> str:
+        return "dit" if self.full else "lora"
+
     def export(self, state):
+        """WORKDIR/<name>.safetensors for every exported tree: PEFT adapters, or (full) official DiT weights."""
         if self.config.get("export_lora") and jax.process_index() == 0:
             lora_cfg = LoRAConfig.from_dict(self.config.lora)
             for name, tree in self.exports(state).items():
-                path = export_peft(jax.device_get(tree), lora_cfg, self.workdir / f"{name}.safetensors")
+                out = self.workdir / f"{name}.safetensors"
+                tree = jax.device_get(tree)
+                path = export_dit(tree, self.networks.model_cfg, out) if self.full else export_peft(tree, lora_cfg, out)
                 log.info("wrote %s", path)
+
+    def train_step(self, step: int, state):
+        """One iteration: (state, metrics row, tokens processed)."""
+        raise NotImplementedError
+
+    def fit(self):
+        c = self.config
+        state, start = self.resume(self.state)
+        total = int(c.total_steps)
+        metrics_log = MetricsLogger(self.workdir, total, start, log_every=int(c.log_every),
+                                    tensorboard=bool(c.tensorboard), headline=self.headline)
+        try:
+            for step in range(start, total):
+                t0 = time.perf_counter()
+                state, row, tokens = self.train_step(step, state)
+                dt = time.perf_counter() - t0
+                metrics_log.write(step + 1, {**row, "step_time": dt, "tokens_per_s": tokens / dt,
+                                             "data/skipped": self.skipped})
+                if (step + 1) % int(c.checkpoint_every) == 0 or step + 1 == total:
+                    self.save(step + 1, state)
+            self.checkpointer.wait()
+            self.export(state)
+        finally:
+            metrics_log.close()
+            self.checkpointer.close()
+        self.state = state
+        return state
 
 
 # ------------------------------------------------------------------------------------------------------ Stage 1
@@ -220,11 +338,11 @@ class PretrainTrainer(_Trainer):
         c = config
         self.pcfg = steps_lib.PretrainConfig.from_dict({**c.pretrain.to_dict(), "remat": c.remat,
                                                         "attention_impl": c.attention_impl})
-        if self.spec.frames % self.pcfg.frames_per_block:
+        if self.pcfg.causal and self.spec.frames % self.pcfg.frames_per_block:
             raise ValueError(f"data.spec.frames {self.spec.frames} is not a whole number of "
                              f"{self.pcfg.frames_per_block}-frame blocks")
         self.tx = ts.make_optimizer(c.optimizer)
-        lora = self.init_lora(int(c.seed))
+        lora = self.init_trainable(int(c.seed))
         state = jax.jit(partial(ts.init_pretrain_state, tx=self.tx, seed=int(c.seed)))(lora)
         self.state_shardings = ts.tree_shardings(state, self.mesh)
         self.state = jax.device_put(state, self.state_shardings)
@@ -234,62 +352,46 @@ class PretrainTrainer(_Trainer):
             out_shardings=(self.state_shardings, ts.replicated(self.mesh)), donate_argnums=(0,))
 
     def exports(self, state):
-        return {"lora": state.lora, "lora_ema": state.ema}
+        return {self.kind: state.lora, f"{self.kind}_ema": state.ema}
 
-    def fit(self):
-        c = self.config
-        state, start = self.resume(self.state)
-        total = int(c.total_steps)
-        metrics_log = MetricsLogger(self.workdir, total, start, log_every=int(c.log_every),
-                                    tensorboard=bool(c.tensorboard))
-        tokens = int(c.data.batch_size) * self.spec.frames * self.tokens_per_frame
-        try:
-            for step in range(start, total):
-                t0 = time.perf_counter()
-                batch, ids = self.next_batch()
-                state, metrics = self.step_fn(state, self.base, batch)
-                metrics = jax.device_get(metrics)
-                self.check_finite(step + 1, metrics, ids)
-                dt = time.perf_counter() - t0
-                metrics_log.write(step + 1, {**metrics, "step_time": dt, "tokens_per_s": tokens / dt,
-                                             "data/skipped": self.skipped})
-                if (step + 1) % int(c.checkpoint_every) == 0 or step + 1 == total:
-                    self.save(step + 1, state)
-            self.checkpointer.wait()
-            self.export(state)
-        finally:
-            metrics_log.close()
-            self.checkpointer.close()
-        self.state = state
-        return state
+    def train_step(self, step: int, state):
+        batch, ids = self.next_batch()
+        state, metrics = self.step_fn(state, self.base, batch)
+        metrics = jax.device_get(metrics)
+        self.check_finite(step + 1, metrics, ids)
+        return state, dict(metrics), int(self.config.data.batch_size) * self.spec.frames * self.tokens_per_frame
 
 
 # ------------------------------------------------------------------------------------------------------ Stage 2
 
 def load_student_init(path: str, item: str, networks: Networks, shardings, lora_cfg: LoRAConfig):
-    """Stage-1 adapters for the student: a PEFT safetensors file, or a Stage-1 workdir / checkpoints folder."""
+    """Stage-1 weights for the student: a safetensors file (PEFT adapters; with full training, official DiT weights
+    as `export_dit` writes them) or a Stage-1 workdir / checkpoints folder (its newest checkpoint's `item`)."""
     p = Path(path)
     if p.is_file():
-        tree = import_peft(p, networks.abstract_lora(), lora_cfg)
-        return jax.device_put(tree, shardings)
-    ckpt_dir = p / CHECKPOINT_DIR if (p / CHECKPOINT_DIR).is_dir() else p
-    ckpt = Checkpointer(ckpt_dir, PretrainTrainer.item_names, keep=1000, async_save=False)
-    abstract = ts.abstract_with_sharding(networks.abstract_lora(), shardings)
-    steps = ckpt.steps()
-    if not steps:
-        raise FileNotFoundError(f"{path}: neither a LoRA safetensors file nor a folder with Stage-1 checkpoints")
-    import orbax.checkpoint as ocp
+        if networks.full:
+            from liveavatar_jax.weights import keymap
+            from liveavatar_jax.weights.checkpoint import open_checkpoint
+            from liveavatar_jax.weights.dit_keys import RULES
+            from flax import nnx
 
-    out = ckpt.manager.restore(steps[-1], args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}))
-    log.info("student adapters from %s/%d (%s)", ckpt_dir, steps[-1], item)
-    ckpt.close()
-    return out[item]
+            _, params, _ = nnx.split(abstract_model(networks.model_cfg), nnx.Param, ...)
+            tree = keymap.load_params(params, open_checkpoint(p), RULES, what="the student DiT")
+        else:
+            tree = import_peft(p, networks.abstract_lora(), lora_cfg)
+        return jax.device_put(tree, shardings)
+    if run_checkpoints(p) is None:
+        kind = "an official DiT safetensors file" if networks.full else "a LoRA safetensors file"
+        raise FileNotFoundError(f"{path}: neither {kind} nor a folder with Stage-1 checkpoints")
+    abstract = ts.abstract_with_sharding(networks.abstract_trainable(), shardings)
+    return restore_from_run(p, item, abstract, full=networks.full)
 
 
 class DistillTrainer(_Trainer):
     stage = "distill"
     item_names = ("gen", "critic", "ema", "gen_opt", "critic_opt")
     fields = tuple(f for f in FIELDS if f != "latents")
+    headline = ("loss", "dmd_loss")
 
     def select_fields(self, arrays: dict) -> dict:
         """The student, teacher and critic all see `distill.motion`'s motion latents: "static" (the reference image
@@ -320,8 +422,9 @@ class DistillTrainer(_Trainer):
         if d.init_student:
             gen = load_student_init(d.init_student, d.init_student_item, self.networks, self.lora_shardings, lora_cfg)
         else:
-            gen = self.init_lora(int(c.seed))
-        critic = self.init_lora(int(c.seed) + 1)
+            gen = self.init_trainable(int(c.seed))
+        # full: the fake score starts as the real score (the teacher run's weights), as in DMD
+        critic = self.init_trainable(int(c.seed) + 1)
         state = jax.jit(partial(ts.init_distill_state, tx_gen=self.tx_gen, tx_critic=self.tx_critic,
                                 seed=int(c.seed)))(gen, critic)
         self.state_shardings = ts.tree_shardings(state, self.mesh)
@@ -358,7 +461,8 @@ class DistillTrainer(_Trainer):
         self.critic_fn = jax.jit(critic_fn, out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
 
     def exports(self, state):
-        return {"student_lora": state.gen, "student_lora_ema": state.ema, "critic_lora": state.critic}
+        k = self.kind
+        return {f"student_{k}": state.gen, f"student_{k}_ema": state.ema, f"critic_{k}": state.critic}
 
     def generator_iteration(self, state, batch):
         plan = self.plan_fn(batch, state.rng, state.step, 0)
@@ -374,45 +478,25 @@ class DistillTrainer(_Trainer):
         result = self.rollout_fn(state.gen, self.base, batch, plan)
         return self.critic_fn(state, self.base, batch, result.video)
 
-    def fit(self):
-        c = self.config
-        state, start = self.resume(self.state)
-        total = int(c.total_steps)
-        metrics_log = MetricsLogger(self.workdir, total, start, log_every=int(c.log_every),
-                                    tensorboard=bool(c.tensorboard), headline=("loss", "dmd_loss"))
-        video_tokens = int(c.data.batch_size) * self.spec.frames * self.tokens_per_frame
-        try:
-            for step in range(start, total):
-                t0 = time.perf_counter()
-                row, tokens, ids = {}, 0, []
-                if step % self.generator_every == 0:
-                    batch, ids = self.next_batch()
-                    state, gm = self.generator_iteration(state, batch)
-                    gm = jax.device_get(gm)
-                    self.check_finite(step + 1, {"dmd_loss": gm["loss"]}, ids, names=("dmd_loss",))
-                    row.update({"dmd_loss": gm["loss"], "gen/grad_norm": gm["grad_norm"],
-                                "gen/update_norm": gm["update_norm"], "gen/exit_step": gm["exit_step"],
-                                "gen/dmd_t": gm["dmd_t"]})
-                    tokens += video_tokens
-                batch, ids = self.next_batch()
-                state, cm = self.critic_iteration(state, batch)
-                cm = jax.device_get(cm)
-                self.check_finite(step + 1, cm, ids)
-                tokens += video_tokens
-                dt = time.perf_counter() - t0
-                row.update({"loss": cm["loss"], "critic/grad_norm": cm["grad_norm"],
-                            "critic/update_norm": cm["update_norm"], "critic/dmd_t": cm["dmd_t"],
-                            "step_time": dt, "tokens_per_s": tokens / dt, "data/skipped": self.skipped})
-                metrics_log.write(step + 1, row)
-                if (step + 1) % int(c.checkpoint_every) == 0 or step + 1 == total:
-                    self.save(step + 1, state)
-            self.checkpointer.wait()
-            self.export(state)
-        finally:
-            metrics_log.close()
-            self.checkpointer.close()
-        self.state = state
-        return state
+    def train_step(self, step: int, state):
+        row, tokens = {}, 0
+        video_tokens = int(self.config.data.batch_size) * self.spec.frames * self.tokens_per_frame
+        if step % self.generator_every == 0:
+            batch, ids = self.next_batch()
+            state, gm = self.generator_iteration(state, batch)
+            gm = jax.device_get(gm)
+            self.check_finite(step + 1, {"dmd_loss": gm["loss"]}, ids, names=("dmd_loss",))
+            row.update({"dmd_loss": gm["loss"], "gen/grad_norm": gm["grad_norm"],
+                        "gen/update_norm": gm["update_norm"], "gen/exit_step": gm["exit_step"],
+                        "gen/dmd_t": gm["dmd_t"]})
+            tokens += video_tokens
+        batch, ids = self.next_batch()
+        state, cm = self.critic_iteration(state, batch)
+        cm = jax.device_get(cm)
+        self.check_finite(step + 1, cm, ids)
+        row.update({"loss": cm["loss"], "critic/grad_norm": cm["grad_norm"],
+                    "critic/update_norm": cm["update_norm"], "critic/dmd_t": cm["dmd_t"]})
+        return state, row, tokens + video_tokens
 
 
 TRAINERS = {"pretrain": PretrainTrainer, "distill": DistillTrainer}
@@ -420,3 +504,19 @@ TRAINERS = {"pretrain": PretrainTrainer, "distill": DistillTrainer}
 
 def run(config, workdir):
     return TRAINERS[config.stage](config, workdir).fit()
+
+
+def main(stage: str):
+    """The shared entry point of `python -m train.<stage> --config FILE --workdir DIR [--config.key=value ...]`."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config = config_flags.DEFINE_config_file("config", None, "a configs/*.py file", lock_config=True)
+    workdir = flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics.jsonl, tensorboard, exports")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def _main(argv):
+        del argv
+        TRAINERS[stage](config.value, workdir.value).fit()
+
+    app.run(_main)

@@ -1,0 +1,31 @@
+"""The tiny world's student, Stage 2: Self-Forcing DMD with every DiT parameter of student and critic trained.
+
+python -m train.distill --config configs/tinyworld_distill.py --workdir runs/distill --config.data.path=DATASET \\
+    --config.model.checkpoint=runs/teacher --config.distill.init_student=runs/student
+The frozen teacher (real score) is the teacher run's EMA, the critic (fake score) starts from it and trains, the
+student starts from Stage 1's EMA. The rollout follows configs/tiny.py's stream (4 steps, shift 3, 3-frame blocks).
+"""
+
+from configs import tiny, tinyworld_teacher
+from liveavatar_jax.distill import config as defaults
+
+
+def get_config():
+    stream = tiny.get_config().stream
+    c = defaults.distill(defaults.model_from(tiny.get_config().model),
+                         blocks=tinyworld_teacher.FRAMES // stream.frames_per_block, height=8, width=8)
+    c.train_params = "full"
+    c.distill.rollout.steps = stream.steps
+    c.distill.rollout.shift = stream.shift
+    c.distill.rollout.ring_blocks = stream.ring_blocks
+    c.distill.generator_optimizer.lr = 1e-4
+    c.distill.critic_optimizer.lr = 2e-4
+    c.total_steps = 200
+    c.checkpoint_every = 100
+    c.log_every = 10
+    c.tensorboard = False
+    c.data.batch_size = 4
+    c.ema.decay = 0.99
+    c.ema.start_step = 50
+    c.mesh.fsdp = 1
+    return c

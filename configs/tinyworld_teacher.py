@@ -1,0 +1,31 @@
+"""The tiny world's bidirectional teacher: flow matching from scratch, every DiT parameter trained.
+
+The DiT is configs/tiny.py's (the embedded default of infer.stream), on 64x64 clips: latents 16 x 8 x 8 per frame
+(the VAE's 8x spatial downsampling), patch 1x2x2 -> 16 tokens per latent frame, 6 latent frames (21 video frames).
+
+python -m train.pretrain --config configs/tinyworld_teacher.py --workdir runs/teacher --config.data.path=DATASET
+(DATASET: `python -m liveavatar_jax.tinyworld dataset ... -- --frames 6 --height 64 --width 64 --text_len 32 ...`)
+"""
+
+from configs import tiny
+from liveavatar_jax.distill import config as defaults
+
+FRAMES = 6          # latent frames per clip: two 3-frame blocks for the student stages
+
+
+def get_config():
+    c = defaults.pretrain(defaults.model_from(tiny.get_config().model), frames=FRAMES, height=8, width=8)
+    c.train_params = "full"
+    c.pretrain.causal = False           # whole clip attends to whole clip, one noise level per clip (Wan's teacher)
+    c.pretrain.shift = 3.0              # the tiny stream samples on a shift-3 grid (configs/tiny.py stream.shift)
+    c.total_steps = 600
+    c.checkpoint_every = 200
+    c.log_every = 25
+    c.tensorboard = False
+    c.data.batch_size = 8
+    c.optimizer.lr = 1e-3               # from scratch: the 14B LoRA rate (5e-5) would barely move a random net
+    c.optimizer.weight_decay = 0.0
+    c.ema.decay = 0.99
+    c.ema.start_step = 100
+    c.mesh.fsdp = 1
+    return c
