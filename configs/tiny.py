@@ -19,13 +19,13 @@ def get_config():
     c.weights_seed = 0
 
     c.model = dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_dim=16, out_dim=16, text_dim=32, text_len=32,
-                   freq_dim=256, eps=1e-6, patch_size=(1, 2, 2), cond_dim=16, audio_dim=32, audio_layers=25,
+                   freq_dim=256, eps=1e-6, patch_size=(1, 2, 2), cond_dim=16, audio_dim=32, audio_layers=1,
                    num_audio_token=4, audio_inject_layers=(0, 1), motion_frames=(73, 19),
                    zip_frame_buckets=(1, 2, 16), sink_position=30)
     c.vae = dict(dim=8, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1, temporal_downsample=(False, True, True))
-    # a 24-layer, 32-wide wav2vec2 gives the 25 hidden states the audio encoder mixes
-    c.audio = dict(hidden_size=32, num_hidden_layers=24, num_attention_heads=2, intermediate_size=64,
-                   conv_dim=(32, 32, 32, 32, 32, 32, 32), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
+    # The tiny world's audio front end: 32 log mel bands at wav2vec2's 50 Hz (models/spectral.py says why), one
+    # "hidden state" for the audio encoder (audio_layers=1, audio_dim=32).
+    c.audio = dict(kind="spectral", bands=32, window=1280, hop=320, fmin=80.0, fmax=5000.0)
     c.text = dict(vocab=384, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2, num_buckets=32,
                   max_dist=128, text_len=32)
     c.stream = dict(steps=4, shift=3.0, frames_per_block=3, ring_blocks=4, sink_replace_block=4,

@@ -139,11 +139,16 @@ def build_models(config, ckpt_dir=None) -> Models:
 
         dit = random(lambda r: CausalS2VDiT(dit_cfg, rngs=r), 0)
         vae = VAE(random(lambda r: WanVAE(vae_cfg, dtype=dtype, rngs=r), 1))
-        w2v_cfg = Wav2Vec2Config.from_dict(_as_dict(config.audio))
-        w2v = random(lambda r: Wav2Vec2ForCTC(w2v_cfg, dtype=dtype, ctc_head=False, rngs=r), 2)
+        audio_cfg = _as_dict(config.audio)
+        if audio_cfg.get("kind") == "spectral":
+            from liveavatar_jax.models.spectral import SpectralConfig, SpectralFrontEnd
+            audio = SpectralFrontEnd(SpectralConfig.from_dict(audio_cfg))
+        else:
+            w2v_cfg = Wav2Vec2Config.from_dict(audio_cfg)
+            audio = Wav2Vec2Runner(random(lambda r: Wav2Vec2ForCTC(w2v_cfg, dtype=dtype, ctc_head=False, rngs=r), 2))
         t5_cfg = UMT5Config.from_config(_as_dict(config.text))
         text = RandomPromptEncoder(random(lambda r: UMT5Encoder(t5_cfg, dtype=dtype, rngs=r), 3))
-        return Models(dit=dit, vae=vae, audio=Wav2Vec2Runner(w2v), text=text, random_weights=True)
+        return Models(dit=dit, vae=vae, audio=audio, text=text, random_weights=True)
 
     from liveavatar_jax.text import PromptEncoder
     from liveavatar_jax.weights.dit_keys import load_dit

@@ -262,8 +262,10 @@ class AudioEncoding:
         return block_inputs(self.audio_emb, self.infer_frames, self.frames_per_block)
 
 
-def _runner(encoder: Wav2Vec2ForCTC | Wav2Vec2Runner) -> Wav2Vec2Runner:
-    return encoder if isinstance(encoder, Wav2Vec2Runner) else Wav2Vec2Runner(encoder)
+def _runner(encoder):
+    """A model gets a jitted runner; runners (wav2vec2's, or another front end speaking its protocol, such as
+    `models.spectral.SpectralFrontEnd`) pass through."""
+    return Wav2Vec2Runner(encoder) if isinstance(encoder, Wav2Vec2ForCTC) else encoder
 
 
 def encode_audio(audio: str | os.PathLike | np.ndarray, encoder: Wav2Vec2ForCTC | Wav2Vec2Runner, *,
