@@ -506,6 +506,13 @@ class WanVAE(nnx.Module):
 
     def encode(self, video: jax.Array) -> jax.Array:
         """video [B, T, H, W, 3] -> normalised mu [B, 1 + (T-1)//4, H/8, W/8, z] (trailing frames are dropped)."""
+        mu, _ = self.moments(video)
+        mean, inv_std = self._stats()
+        return (mu - mean) * inv_std
+
+    def moments(self, video: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """video [B, T, H, W, 3] -> the posterior's raw (unnormalised) mu and log_var, float32 [B, n, h, w, z] each;
+        training samples from them, `encode` normalises mu."""
         b, t, h, w, _ = video.shape
         n_chunks = (t - 1) // 4
         dtype = self.conv1.kernel.dtype
@@ -521,9 +528,8 @@ class WanVAE(nnx.Module):
         _, rest = lax.scan(step, cache, chunks)
         rest = rest.swapaxes(0, 1).reshape((b, -1) + rest.shape[3:])
         out = jnp.concatenate([first, rest], axis=1)
-        mu = self.conv1(out)[0][..., :self.config.z_dim]
-        mean, inv_std = self._stats()
-        return (mu.astype(jnp.float32) - mean) * inv_std
+        moments = self.conv1(out)[0].astype(jnp.float32)
+        return moments[..., :self.config.z_dim], moments[..., self.config.z_dim:]
 
     def decode_first_latent(self, latent: jax.Array, feats: dict) -> tuple[jax.Array, dict]:
         """The first latent of a stream, [B, 1, h, w, z] (normalised) -> (1 video frame [B, 1, H, W, 3], feats)."""

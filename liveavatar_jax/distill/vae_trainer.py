@@ -1,0 +1,328 @@
+"""Training the Wan2.1 causal VAE (`models.vae.WanVAE`) from scratch on a folder of tiny-world clips.
+
+Data. Every `*.mp4` of `data.path` is decoded once into uint8 frames held in memory (the tiny world's clips are
+64x64, 200 frames each). A batch is `batch_size` windows of `1 + 4k` consecutive frames from random clips, so both
+paths of the causal VAE are trained: the first frame, encoded and decoded on its own, and the chunks of 4 frames
+that the streaming decoder produces per latent. The windows of step s come from numpy's generator seeded with
+(seed, s), so a resumed run sees exactly the batches of an uninterrupted one without a saved loader position.
+
+Loss. L1 + MSE between the decoded sample and the input (pixel weights: `loss.mouth_weight` inside
+`loss.mouth_box`, a box in fractions of the frame around the tiny world's mouth, 1 elsewhere) + `loss.kl_weight` x the
+mean KL of the posterior N(mu, exp(log_var)) to N(0, 1) per latent element. During training the model's latent
+statistics are the identity (mean 0, std 1); at export they are measured on the training clips (per-channel mean and
+std of mu) and written with the weights, so the DiT sees unit-scale latents as it does with the Wan constants.
+
+State and checkpoints: the parameters, AdamW's state and an EMA of the parameters are lists of arrays (the model's
+`nnx.split` leaves, in order); `distill.checkpoint.Checkpointer` saves them with the step and the config. The export
+is `WORKDIR/vae.safetensors` under the official Wan key names (`weights.vae_keys.save_vae`), loadable by `load_vae`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Mapping
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from liveavatar_jax.distill import train_state as ts
+from liveavatar_jax.distill.checkpoint import Checkpointer
+from liveavatar_jax.distill.metrics import MetricsLogger
+from liveavatar_jax.models.vae import VAEConfig, WanVAE, random_vae
+
+log = logging.getLogger("liveavatar_jax.train")
+
+LOG_VAR_RANGE = (-30.0, 20.0)   # the official `WanVAE_.reparameterize` clamp
+
+
+# ------------------------------------------------------------------------------------------------------------ data
+
+def read_clip_frames(path, size: tuple[int, int] | None) -> np.ndarray:
+    """uint8 [N, H, W, 3] of one video; a frame of another size than `size` is an error naming the file."""
+    from liveavatar_jax.eval import iter_frames
+
+    frames = np.stack(list(iter_frames(path)))
+    if size is not None and frames.shape[1:3] != tuple(size):
+        raise ValueError(f"{path}: frames are {frames.shape[2]}x{frames.shape[1]}, the config wants "
+                         f"{size[1]}x{size[0]} (data.height/data.width)")
+    return frames
+
+
+class ClipWindows:
+    """Windows of consecutive frames from every `*.mp4` of a folder, drawn per step."""
+
+    def __init__(self, folder, frames: int, height: int, width: int, max_clips: int = 0):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ValueError(f"data.path {folder}: not a folder")
+        paths = sorted(folder.glob("*.mp4"))
+        if max_clips:
+            paths = paths[:max_clips]
+        if not paths:
+            raise ValueError(f"data.path {folder}: holds no .mp4 clips (make some with "
+                             "`python -m liveavatar_jax.tinyworld clips --count N --out DIR`)")
+        if frames < 1 or (frames - 1) % 4:
+            raise ValueError(f"data.frames must be 1 + 4k (the VAE encodes frame 0, then chunks of 4), got {frames}")
+        self.paths = paths
+        self.frames = frames
+        self.clips = [read_clip_frames(p, (height, width)) for p in paths]
+        short = [f"{p} ({len(c)} frames)" for p, c in zip(paths, self.clips) if len(c) < frames]
+        if short:
+            raise ValueError(f"clips shorter than data.frames={frames}: " + ", ".join(short))
+
+    def batch(self, seed: int, step: int, batch_size: int) -> np.ndarray:
+        """float32 [B, T, H, W, 3] in [-1, 1]: the windows of `step` (a function of (seed, step) only)."""
+        rng = np.random.default_rng([seed, step])
+        out = []
+        for _ in range(batch_size):
+            clip = self.clips[rng.integers(len(self.clips))]
+            start = rng.integers(len(clip) - self.frames + 1)
+            out.append(clip[start:start + self.frames])
+        return to_unit(np.stack(out))
+
+
+def to_unit(frames_uint8: np.ndarray) -> np.ndarray:
+    return frames_uint8.astype(np.float32) / 127.5 - 1.0
+
+
+def to_uint8(video: np.ndarray) -> np.ndarray:
+    return np.clip(np.round((np.asarray(video, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------------------ the model
+
+def model_config(config) -> VAEConfig:
+    """The config's `vae` section as a VAEConfig with identity latent statistics (those of training)."""
+    section = dict(config.vae.to_dict() if hasattr(config.vae, "to_dict") else config.vae)
+    z_dim = int(section.get("z_dim", VAEConfig.z_dim))
+    return VAEConfig.from_config({**section, "latents_mean": (0.0,) * z_dim, "latents_std": (1.0,) * z_dim})
+
+
+def reconstruct(model: WanVAE, video: jax.Array, key: jax.Array | None = None):
+    """video [B, T, H, W, 3] -> (decoded [B, T', H, W, 3], mu, log_var), T' = 1 + 4((T-1)//4) for the Wan strides.
+
+    Decodes mu + sigma eps (eps ~ N(0, 1) from `key`; mu when `key` is None) through the first-latent and per-latent
+    programs that the streaming decoder runs."""
+    mu, log_var = model.moments(video)
+    log_var = jnp.clip(log_var, *LOG_VAR_RANGE)
+    z = mu if key is None else mu + jnp.exp(0.5 * log_var) * jax.random.normal(key, mu.shape, mu.dtype)
+    b, _, h, w, _ = z.shape
+    feats = model.decoder.init_cache(b, h, w, model.conv2.kernel.dtype)
+    first, feats = model.decode_first_latent(z[:, :1], feats)
+    if z.shape[1] == 1:
+        return first.astype(jnp.float32), mu, log_var
+    rest, _ = model.decode_latents(z[:, 1:], feats)
+    return jnp.concatenate([first, rest], axis=1).astype(jnp.float32), mu, log_var
+
+
+def pixel_weights(height: int, width: int, mouth_weight: float, box) -> np.ndarray:
+    """[H, W, 1] loss weights: `mouth_weight` inside `box` = (top, bottom, left, right) fractions, 1 elsewhere."""
+    w = np.ones((height, width, 1), np.float32)
+    if mouth_weight != 1.0:
+        top, bottom, left, right = box
+        w[int(round(top * height)):int(round(bottom * height)), int(round(left * width)):int(round(right * width))] \
+            = mouth_weight
+    return w / w.mean()   # the mean weight is 1, so loss scales do not move with the mouth weight
+
+
+def psnr(a, b) -> jax.Array:
+    """PSNR in dB of videos in [-1, 1] (peak-to-peak 2)."""
+    mse = jnp.mean((jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32)) ** 2)
+    return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12))
+
+
+@struct.dataclass
+class VAETrainState:
+    step: jnp.ndarray       # int32: completed optimizer steps
+    params: list            # the model's leaves in `nnx.split` order
+    opt: optax.OptState
+    ema: list
+    rng: jnp.ndarray        # uint32 key data of the run's root key
+
+
+def loss_fn(params, graphdef, treedef, video, key, weights, kl_weight: float):
+    model = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
+    recon, mu, log_var = reconstruct(model, video, key)
+    if recon.shape != video.shape:
+        raise ValueError(f"the VAE decodes {recon.shape[1]} frames from {video.shape[1]}: data.frames must be "
+                         f"1 + {model.config.temporal_stride}k for this config")
+    diff = recon - video
+    l1 = jnp.mean(jnp.abs(diff) * weights)
+    mse = jnp.mean(diff * diff * weights)
+    kl = 0.5 * jnp.mean(mu * mu + jnp.exp(log_var) - 1.0 - log_var)
+    loss = l1 + mse + kl_weight * kl
+    return loss, {"loss": loss, "l1": l1, "mse": mse, "kl": kl, "psnr": psnr(recon, video),
+                  "latent_std": jnp.std(mu)}
+
+
+def train_step(graphdef, treedef, tx, weights, kl_weight: float, ema_decay: float, state: VAETrainState, video):
+    key = ts.step_key(state.rng, state.step)
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, graphdef, treedef, video, key, weights,
+                                                     kl_weight)
+    updates, opt = tx.update(grads, state.opt, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = ts.ema_update(state.ema, params, ema_decay, state.step, 0)
+    metrics = {**metrics, "grad_norm": ts.global_norm(grads)}
+    return state.replace(step=state.step + 1, params=params, opt=opt, ema=ema), metrics
+
+
+# ------------------------------------------------------------------------------------------------------ trainer
+
+class VAETrainer:
+    """fit(): train (resuming from WORKDIR/checkpoints), measure the latent statistics, export the weights.
+
+    One trainer compiles its step once; `fit` may be called again (e.g. with a larger `total_steps`) and resumes."""
+
+    item_names = ("params", "opt", "ema")
+
+    def __init__(self, config, workdir, data: ClipWindows | None = None):
+        from liveavatar_jax.distill.trainer import setup_runtime
+
+        setup_runtime(config)
+        self.config = config
+        self.workdir = Path(workdir)
+        c = config
+        self.model_cfg = model_config(c)
+        stride = self.model_cfg.spatial_stride
+        if c.data.height % stride or c.data.width % stride:
+            raise ValueError(f"data.height/data.width must be multiples of the VAE stride {stride}")
+        self.data = data if data is not None else ClipWindows(c.data.path, int(c.data.frames), int(c.data.height),
+                                                              int(c.data.width), int(c.data.get("max_clips", 0)))
+        self.graphdef, nnx_state = nnx.split(nnx.eval_shape(lambda: WanVAE(self.model_cfg, rngs=nnx.Rngs(0))))
+        self.treedef = jax.tree.structure(nnx_state)
+        self.tx = ts.make_optimizer(c.optimizer)
+        weights = jnp.asarray(pixel_weights(int(c.data.height), int(c.data.width), float(c.loss.mouth_weight),
+                                            tuple(c.loss.mouth_box)))
+        self.step_fn = jax.jit(partial(train_step, self.graphdef, self.treedef, self.tx, weights,
+                                       float(c.loss.kl_weight), float(c.ema.decay)), donate_argnums=(0,))
+        self.checkpointer = None
+
+    def initial_state(self) -> VAETrainState:
+        """The state before step 1: PyTorch-default-like random weights drawn from `seed`."""
+        seed = int(self.config.seed)
+        model = random_vae(self.model_cfg, seed=seed, dtype=jnp.float32)
+        # A zero log_var bias starts the posterior at sigma ~ 1, drowning mu (~0.1 at init) in noise: the decoder
+        # learns nothing from the latents until Adam has walked the bias down by ~lr per step. Starting it at
+        # `init_log_var` trains a near-deterministic autoencoder from step 1; the KL term can still widen it.
+        bias = model.conv1.bias[...]
+        model.conv1.bias[...] = bias.at[self.model_cfg.z_dim:].set(float(self.config.loss.init_log_var))
+        params = jax.tree.leaves(nnx.state(model))
+        return VAETrainState(step=jnp.zeros((), jnp.int32), params=params, opt=self.tx.init(params),
+                             ema=jax.tree.map(jnp.copy, params), rng=ts.root_key(seed))
+
+    # -- checkpoints
+    def resume(self, state: VAETrainState):
+        abstract = {k: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), getattr(state, k))
+                    for k in self.item_names}
+        found = self.checkpointer.restore_latest(abstract, config=self.config.to_dict())
+        if found is None:
+            return state, 0
+        step, items, meta = found
+        state = state.replace(step=jnp.asarray(step, jnp.int32), rng=jnp.asarray(np.asarray(meta["rng"], np.uint32)),
+                              **{k: list(v) if k != "opt" else v for k, v in items.items()})
+        log.info("resumed from %s/%d", self.checkpointer.directory, step)
+        return state, step
+
+    def save(self, step: int, state: VAETrainState):
+        meta = {"step": step, "rng": np.asarray(state.rng).tolist(), "config": self.config.to_dict()}
+        self.checkpointer.save(step, {k: getattr(state, k) for k in self.item_names}, meta)
+
+    # -- the model of a state
+    def model(self, params, stats: Mapping | None = None) -> WanVAE:
+        model = nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, list(params)))
+        if stats:
+            model.config = dataclasses.replace(model.config, **stats)
+        return model
+
+    def measure_stats(self, params, windows: int) -> dict:
+        """Per-channel mean and std of mu over `windows` training windows (fixed draws, independent of the run)."""
+        model = self.model(params)
+        graphdef, state = nnx.split(model)
+        moments = jax.jit(lambda s, v: nnx.merge(graphdef, s).moments(v)[0])
+        mus = []
+        for i in range(max(1, windows // 8)):
+            video = self.data.batch(int(self.config.seed) + 7919, i, min(8, windows))
+            mus.append(np.asarray(moments(state, jnp.asarray(video))).reshape(-1, self.model_cfg.z_dim))
+        mu = np.concatenate(mus).astype(np.float64)
+        std = np.maximum(mu.std(axis=0), 1e-4)
+        return {"latents_mean": tuple(float(v) for v in mu.mean(axis=0)), "latents_std": tuple(float(v) for v in std)}
+
+    def export(self, state: VAETrainState) -> Path:
+        from liveavatar_jax.weights.vae_keys import save_vae
+
+        c = self.config
+        params = state.ema if c.export_ema else state.params
+        stats = self.measure_stats(params, int(c.stats_windows))
+        path = save_vae(self.model(params, stats), self.workdir / str(c.export_name),
+                        dtype=np.dtype(str(c.export_dtype)))
+        log.info("wrote %s (%.2f MB); latent mean %s, std %s", path, path.stat().st_size / 1e6,
+                 np.round(stats["latents_mean"], 3).tolist(), np.round(stats["latents_std"], 3).tolist())
+        return path
+
+    def fit(self) -> VAETrainState:
+        c = self.config
+        self.checkpointer = Checkpointer(self.workdir / "checkpoints", self.item_names,
+                                         keep=int(c.keep_checkpoints), async_save=bool(c.async_checkpointing))
+        state, start = self.resume(self.initial_state())
+        total = int(c.total_steps)
+        metrics_log = MetricsLogger(self.workdir, total, start, log_every=int(c.log_every),
+                                    tensorboard=bool(c.tensorboard), headline=("loss", "psnr"))
+        b = int(c.data.batch_size)
+        pixels = b * self.data.frames * int(c.data.height) * int(c.data.width)
+        t_start = time.perf_counter()
+        try:
+            for step in range(start, total):
+                t0 = time.perf_counter()
+                video = jnp.asarray(self.data.batch(int(c.seed), step, b))
+                state, metrics = self.step_fn(state, video)
+                metrics = jax.device_get(metrics)
+                if not math.isfinite(float(metrics["loss"])):
+                    raise FloatingPointError(f"step {step + 1}: non-finite VAE loss {metrics['loss']}")
+                dt = time.perf_counter() - t0
+                metrics_log.write(step + 1, {**metrics, "step_time": dt, "steps_per_s": 1.0 / dt,
+                                             "frames_per_s": b * self.data.frames / dt,
+                                             "megapixels_per_s": pixels / dt / 1e6})
+                if (step + 1) % int(c.checkpoint_every) == 0 or step + 1 == total:
+                    self.save(step + 1, state)
+            self.checkpointer.wait()
+            log.info("trained steps %d..%d in %.1f s", start, total, time.perf_counter() - t_start)
+            if c.export and total > 0:
+                self.export(state)
+        finally:
+            metrics_log.close()
+            self.checkpointer.close()
+        return state
+
+
+# ------------------------------------------------------------------------------------------------------ evaluation
+
+def roundtrip_clip(vae, clip_path, out_path=None) -> dict:
+    """Encodes and decodes a whole clip (`vae`: a `models.vae.VAE`) in one stream; returns {"clip", "frames",
+    "psnr"} (dB, uint8 frames against the clip's decoded frames) and, with `out_path`, writes the reconstruction as
+    an mp4 with the clip's audio (the `.wav` beside the clip, when there is one)."""
+    frames = read_clip_frames(clip_path, None)
+    n = 1 + 4 * ((len(frames) - 1) // 4)
+    frames = frames[:n]
+    video = jnp.asarray(to_unit(frames)).transpose(3, 0, 1, 2)          # [3, T, H, W]
+    recon = to_uint8(np.asarray(vae.decode(vae.encode(video))).transpose(1, 2, 3, 0))
+    diff = recon.astype(np.float64) - frames.astype(np.float64)
+    out = {"clip": str(clip_path), "frames": int(n),
+           "psnr": float(10.0 * np.log10(255.0 ** 2 / max(np.mean(diff * diff), 1e-12)))}
+    if out_path is not None:
+        from liveavatar_jax.tinyworld.clips import write_mp4
+
+        wav = Path(clip_path).with_suffix(".wav")
+        audio = None
+        if wav.is_file():
+            from liveavatar_jax.io.audio import load_audio
+            audio = load_audio(wav)
+        out["video"] = str(write_mp4(out_path, recon, audio))
+    return out

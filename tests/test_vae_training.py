@@ -1,0 +1,115 @@
+"""VAE training (distill/vae_trainer.py, train/vae.py): the loss falls, a resumed run is bit-identical to an
+uninterrupted one, and the export under the official key names loads back to the same decoder and statistics.
+
+One small VAE (stride 2 in space and time) on one 1-second tiny-world clip at 32x32; one trainer, so the
+step compiles once for the whole module.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.tinyworld_vae import get_config
+from liveavatar_jax.distill.vae_trainer import ClipWindows, VAETrainer
+from liveavatar_jax.models.vae import VAE, VAEConfig
+from liveavatar_jax.tinyworld.clips import write_clips
+from liveavatar_jax.weights.checkpoint import CheckpointError
+from liveavatar_jax.weights.vae_keys import load_vae, official_state_dict
+
+STEPS = 24
+
+
+def small_config(path):
+    c = get_config()
+    # one resolution change (stride 2 in space and time) and direct time convolutions: a small graph compiles fast
+    c.vae = dict(dim=4, z_dim=4, dim_mult=(1, 2), num_res_blocks=1, temporal_downsample=(True,),
+                 winograd_time_tile=1)
+    c.data.update(path=str(path), frames=5, height=32, width=32, batch_size=2)
+    c.total_steps = STEPS
+    c.checkpoint_every = STEPS // 2
+    c.async_checkpointing = False
+    c.log_every = 1000
+    c.optimizer.lr = 3e-3
+    c.loss.mouth_weight = 3.0
+    c.stats_windows = 8
+    c.export_dtype = "float32"
+    return c
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    clips = tmp_path_factory.mktemp("clips")
+    write_clips(clips, 1, seconds=1.0, size=32)   # one face: the loss falls within a few dozen steps
+    return VAETrainer(small_config(clips), tmp_path_factory.mktemp("unused"))
+
+
+@pytest.fixture(scope="module")
+def straight_run(trainer, tmp_path_factory):
+    trainer.workdir = tmp_path_factory.mktemp("straight")
+    trainer.config.total_steps = STEPS
+    state = trainer.fit()
+    return trainer.workdir, jax.device_get(state)
+
+
+def _losses(workdir):
+    return [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls(straight_run):
+    losses = _losses(straight_run[0])
+    assert len(losses) == STEPS
+    first, last = np.mean(losses[:3]), np.mean(losses[-3:])
+    assert last < 0.7 * first, (first, last)
+
+
+def test_resume_is_bit_exact(trainer, straight_run, tmp_path):
+    trainer.workdir = tmp_path
+    trainer.config.total_steps = STEPS // 2
+    trainer.fit()
+    trainer.config.total_steps = STEPS                  # a new run of the same config resumes at STEPS // 2
+    resumed = jax.device_get(trainer.fit())
+    want = straight_run[1]
+    assert int(resumed.step) == STEPS
+    for a, b in zip(jax.tree.leaves((resumed.params, resumed.ema, resumed.opt)),
+                    jax.tree.leaves((want.params, want.ema, want.opt))):
+        np.testing.assert_array_equal(a, b)
+    assert _losses(tmp_path) == _losses(straight_run[0])
+
+
+def test_export_loads_to_the_same_decoder(trainer, straight_run):
+    workdir, state = straight_run
+    path = workdir / "vae.safetensors"
+    # placeholder statistics in the config: the file's replace them
+    config = VAEConfig.from_config({**trainer.config.vae, "latents_mean": (0.5,) * 4, "latents_std": (2.0,) * 4})
+    loaded = VAE(load_vae(path, config))
+    assert loaded.config.latents_mean != config.latents_mean
+    np.testing.assert_allclose(loaded.config.latents_std, trainer.measure_stats(state.ema, 8)["latents_std"])
+    trained = trainer.model(state.ema, {"latents_mean": loaded.config.latents_mean,
+                                        "latents_std": loaded.config.latents_std})
+    keys = official_state_dict(trained)
+    assert "decoder.middle.1.norm.gamma" in keys and keys["decoder.middle.1.norm.gamma"].ndim == 3
+    assert keys["encoder.conv1.weight"].shape == (4, 3, 3, 3, 3)      # torch Conv3d [O, I, T, H, W]
+
+    video = jnp.asarray(trainer.data.batch(123, 0, 1)).transpose(0, 4, 1, 2, 3)      # [B, 3, T, H, W]
+    latents = loaded.encode(video)
+    np.testing.assert_array_equal(np.asarray(latents), np.asarray(VAE(trained).encode(video)))
+    np.testing.assert_array_equal(np.asarray(loaded.decode(latents)), np.asarray(VAE(trained).decode(latents)))
+    # the stored statistics make the latents of training-like clips roughly zero-mean and unit-scale
+    assert abs(float(latents.mean())) < 0.5 and 0.4 < float(latents.std()) < 2.5
+
+
+def test_bad_inputs_are_named(tmp_path, trainer):
+    with pytest.raises(ValueError, match="holds no .mp4"):
+        ClipWindows(tmp_path, 5, 32, 32)
+    with pytest.raises(ValueError, match="1 \\+ 4k"):
+        ClipWindows(trainer.data.paths[0].parent, 6, 32, 32)
+    with pytest.raises(ValueError, match="frames are 32x32"):
+        ClipWindows(trainer.data.paths[0].parent, 5, 64, 64)
+    bad = tmp_path / "vae.safetensors"
+    from safetensors.numpy import save_file
+    save_file({"x": np.zeros(1, np.float32)}, str(bad), metadata={"latents_mean": "[1, oops]"})
+    with pytest.raises(CheckpointError, match="latents_mean"):
+        load_vae(bad, VAEConfig())
