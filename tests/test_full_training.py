@@ -157,7 +157,7 @@ def test_stage_1_and_stage_2_start_from_the_previous_runs(teacher, dataset, tmp_
     assert_trees_equal(distill.base, ema)
 
 
-def test_a_lora_run_cannot_seed_full_weights(teacher, dataset, tmp_path):
+def test_a_run_of_the_other_kind_is_refused_naming_it(teacher, dataset, tmp_path):
     trainer, _ = teacher
     with pytest.raises(ValueError, match="train_params='full' run; this run needs LoRA adapters"):
         DistillTrainer(configure(tinyworld_distill, dataset, **{
