@@ -113,3 +113,20 @@ def test_bad_inputs_are_named(tmp_path, trainer):
     save_file({"x": np.zeros(1, np.float32)}, str(bad), metadata={"latents_mean": "[1, oops]"})
     with pytest.raises(CheckpointError, match="latents_mean"):
         load_vae(bad, VAEConfig())
+
+
+def test_official_state_dict_gives_back_the_official_file():
+    """The Rule table read backwards reproduces the official keys, shapes and values of the golden fixture."""
+    from safetensors.numpy import load_file
+
+    from conftest import golden_dir
+    from liveavatar_jax.golden.vae import config_from_manifest
+
+    fixture = golden_dir("vae")
+    config = config_from_manifest(json.loads((fixture / "manifest.json").read_text()))
+    official = load_file(str(fixture / "weights.safetensors"))
+    ours = official_state_dict(load_vae(fixture / "weights.safetensors", config))
+    assert sorted(ours) == sorted(official)
+    for key, value in official.items():
+        assert ours[key].shape == value.shape, key
+        np.testing.assert_array_equal(ours[key], value.astype(np.float32), err_msg=key)

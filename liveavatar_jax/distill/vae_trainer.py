@@ -319,6 +319,7 @@ def roundtrip_clip(vae, clip_path, out_path=None) -> dict:
     if out_path is not None:
         from liveavatar_jax.tinyworld.clips import write_mp4
 
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         wav = Path(clip_path).with_suffix(".wav")
         audio = None
         if wav.is_file():
