@@ -222,11 +222,12 @@ class _Trainer:
         self.base = self.networks.base
         # the trained tree's shardings: adapters, or (full) the whole parameter set
         self.lora_shardings = ts.tree_shardings(self.networks.trainable_template, self.mesh)
-        self.checkpointer = Checkpointer(self.workdir / CHECKPOINT_DIR, self.item_names,
-                                         keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing))
+        # the data first: a dataset that does not fit stops the run before Orbax starts its threads
         self.data = make_iterator(config.data.path, self.spec, global_batch=int(config.data.batch_size),
                                   seed=int(config.data.shuffle_seed), worker_count=int(config.data.worker_count),
                                   on_bad_example=config.data.on_bad_example, fields=self.fields)
+        self.checkpointer = Checkpointer(self.workdir / CHECKPOINT_DIR, self.item_names,
+                                         keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing))
         self.skipped = 0
         _, ph, pw = self.networks.model_cfg.patch_size
         self.tokens_per_frame = (self.spec.height // ph) * (self.spec.width // pw)
