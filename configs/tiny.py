@@ -17,12 +17,15 @@ def get_config():
     c.fps = 25
     c.attention = "xla"
     c.weights_seed = 0
+    # the tiny world's trained DiT and VAE (relative to the liveavatar_jax package); "" = random from weights_seed
+    c.trained_weights = ""
 
     c.model = dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_dim=16, out_dim=16, text_dim=32, text_len=32,
                    freq_dim=256, eps=1e-6, patch_size=(1, 2, 2), cond_dim=16, audio_dim=32, audio_layers=1,
                    num_audio_token=4, audio_inject_layers=(0, 1), motion_frames=(73, 19),
                    zip_frame_buckets=(1, 2, 16), sink_position=30)
-    c.vae = dict(dim=8, z_dim=16, dim_mult=(1, 2, 4, 4), num_res_blocks=1, temporal_downsample=(False, True, True))
+    # the tiny world's VAE (configs/tinyworld_vae.py trains it): channels 4/8/16/32, 8x8x4 compression to 16
+    c.vae = dict(dim=4, z_dim=16, dim_mult=(1, 2, 4, 8), num_res_blocks=1, temporal_downsample=(False, True, True))
     # The tiny world's audio front end: 32 log mel bands at wav2vec2's 50 Hz (models/spectral.py says why), one
     # "hidden state" for the audio encoder (audio_layers=1, audio_dim=32).
     c.audio = dict(kind="spectral", bands=32, window=1280, hop=320, fmin=80.0, fmax=5000.0)

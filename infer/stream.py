@@ -128,7 +128,9 @@ def main(argv=None) -> int:
             from liveavatar_jax.pipeline import CheckpointFiles
             ckpt = CheckpointFiles.find(args.ckpt_dir)
         else:
+            from liveavatar_jax.pipeline import trained_weights_dir
             ckpt = None
+            trained_weights_dir(config)     # a named folder must hold its files: fail before heavy work
     except (InputError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -121,6 +121,24 @@ class Models:
     random_weights: bool
 
 
+TRAINED_DIT, TRAINED_VAE = "dit.safetensors", "vae.safetensors"
+
+
+def trained_weights_dir(config) -> Path | None:
+    """The folder of trained small-config weights `config.trained_weights` names (relative paths from the
+    liveavatar_jax package: the tiny world's committed checkpoints live in liveavatar_jax/assets/), or None when
+    the config names none. A named folder without both files is an error, not a silent fall-back to noise."""
+    name = config.get("trained_weights") if hasattr(config, "get") else None
+    if not name:
+        return None
+    folder = Path(name) if Path(name).is_absolute() else Path(__file__).parent / name
+    missing = [f for f in (TRAINED_DIT, TRAINED_VAE) if not (folder / f).is_file()]
+    if missing:
+        raise InputError(f"config.trained_weights {folder}: missing {', '.join(missing)} (the tiny world's recipe "
+                         "writes them: python -m liveavatar_jax.tinyworld recipe)")
+    return folder
+
+
 def build_models(config, ckpt_dir=None) -> Models:
     from liveavatar_jax.models.vae import VAE, VAEConfig, WanVAE
     from liveavatar_jax.models.wav2vec2 import Wav2Vec2Config, Wav2Vec2ForCTC, Wav2Vec2Runner
@@ -148,7 +166,15 @@ def build_models(config, ckpt_dir=None) -> Models:
             audio = Wav2Vec2Runner(random(lambda r: Wav2Vec2ForCTC(w2v_cfg, dtype=dtype, ctc_head=False, rngs=r), 2))
         t5_cfg = UMT5Config.from_config(_as_dict(config.text))
         text = RandomPromptEncoder(random(lambda r: UMT5Encoder(t5_cfg, dtype=dtype, rngs=r), 3))
-        return Models(dit=dit, vae=vae, audio=audio, text=text, random_weights=True)
+        trained = trained_weights_dir(config)
+        if trained is not None:
+            from liveavatar_jax.weights.dit_keys import load_dit
+            from liveavatar_jax.weights.vae_keys import load_vae
+
+            # The tiny world's trained DiT and VAE; the prompt encoder stays random (one fixed prompt in that world)
+            dit = load_dit(trained / TRAINED_DIT, dit_cfg)
+            vae = VAE(load_vae(trained / TRAINED_VAE, vae_cfg, dtype=dtype))
+        return Models(dit=dit, vae=vae, audio=audio, text=text, random_weights=trained is None)
 
     from liveavatar_jax.text import PromptEncoder
     from liveavatar_jax.weights.dit_keys import load_dit

@@ -23,6 +23,7 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="dataset folder to write")
     p.add_argument("--ckpt_dir", help="converted checkpoint folder (VAE, wav2vec2, umT5; python -m liveavatar_jax.convert)")
     p.add_argument("--random_encoders", action="store_true", help="use the tiny random encoders of configs/tiny.py")
+    p.add_argument("--tiny_vae", help="the encoders of configs/tiny.py with this trained tiny-world VAE (safetensors)")
     p.add_argument("--frames", type=int, default=21, help="latent frames per clip (4x video frames)")
     p.add_argument("--height", type=int, default=704, help="video height in pixels (multiple of 16)")
     p.add_argument("--width", type=int, default=384, help="video width in pixels (multiple of 16)")
@@ -52,9 +53,9 @@ def main(argv=None):
         else:
             if not args.videos:
                 raise SystemExit("give --videos DIR (or --synthetic N --like CONFIG)")
-            if bool(args.ckpt_dir) == bool(args.random_encoders):
-                raise SystemExit("give exactly one of --ckpt_dir DIR and --random_encoders")
-            encoders = load_encoders(None if args.random_encoders else args.ckpt_dir, args.dtype)
+            if sum(map(bool, (args.ckpt_dir, args.random_encoders, args.tiny_vae))) != 1:
+                raise SystemExit("give exactly one of --ckpt_dir DIR, --random_encoders and --tiny_vae FILE")
+            encoders = load_encoders(args.ckpt_dir, args.dtype, tiny_vae=args.tiny_vae)
             index = build_dataset(args.videos, args.out, encoders, latent_frames=args.frames, height=args.height,
                                   width=args.width, fps=args.fps, stride=args.stride, ref_frame=args.ref_frame,
                                   default_prompt=args.prompt, negative_prompt=args.negative_prompt,

@@ -127,9 +127,10 @@ class Encoders:
         return int(np.asarray(self.text.encode("")).shape[-1])
 
 
-def load_encoders(ckpt_dir=None, dtype: str = "float32") -> Encoders:
+def load_encoders(ckpt_dir=None, dtype: str = "float32", tiny_vae=None) -> Encoders:
     """The VAE, wav2vec2 and umT5 of a converted checkpoint folder (the DiT is not loaded), or, with `ckpt_dir=None`,
-    the tiny random encoders of `configs/tiny.py` (smoke runs: well-formed examples that carry no meaning)."""
+    the encoders of `configs/tiny.py`: its audio front end, its random prompt encoder and a random VAE (smoke runs:
+    well-formed examples that carry no meaning), or the VAE trained for the tiny world in the file `tiny_vae`."""
     import jax.numpy as jnp
 
     if ckpt_dir is None:
@@ -137,8 +138,16 @@ def load_encoders(ckpt_dir=None, dtype: str = "float32") -> Encoders:
 
         from liveavatar_jax.pipeline import build_models
 
-        models = build_models(get_config(), None)
-        return Encoders(vae=models.vae, audio=models.audio, text=models.text)
+        config = get_config()
+        config.trained_weights = ""        # the DiT is not needed here, and may not be trained yet
+        models = build_models(config, None)
+        vae = models.vae
+        if tiny_vae is not None:
+            from liveavatar_jax.models.vae import VAE, VAEConfig
+            from liveavatar_jax.weights.vae_keys import load_vae
+
+            vae = VAE(load_vae(tiny_vae, VAEConfig.from_config(dict(config.vae)), dtype=jnp.dtype(config.dtype)))
+        return Encoders(vae=vae, audio=models.audio, text=models.text)
 
     from configs.liveavatar_14b import get_config
 

@@ -28,6 +28,8 @@ class SpectralConfig:
     bands: int = 32             # mel bands = the feature width the DiT's audio encoder reads (its audio_dim)
     window: int = 1280          # 80 ms Hann window: the span the mouth law looks at around each video frame
     hop: int = 320              # 20 ms, wav2vec2's 50 Hz frame rate
+    span: int = 400             # frame i is centred where wav2vec2's is (i * hop + span / 2) and as many frames are
+                                # made of a track as wav2vec2 makes; the window reaches past, into zero padding
     fmin: float = 80.0          # the law's band
     fmax: float = 5000.0
     log_floor: float = 1e-6     # power floor before the log (input is normalised to unit RMS)
@@ -53,11 +55,11 @@ class SpectralConfig:
 
     @property
     def receptive_field(self) -> int:
-        return self.window
+        return self.span
 
     def num_frames(self, num_samples: int) -> int:
         n = int(num_samples)
-        return 0 if n < self.window else (n - self.window) // self.hop + 1
+        return 0 if n < self.span else (n - self.span) // self.hop + 1
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "SpectralConfig":
@@ -87,8 +89,10 @@ class SpectralFrontEnd:
     def _features(self, input_values, num_valid_frames):
         cfg = self.config
         t = cfg.num_frames(input_values.shape[-1])
+        pad = (cfg.window - cfg.span) // 2
+        padded = jnp.pad(input_values, [(0, 0), (pad, pad)])
         idx = np.arange(t)[:, None] * cfg.hop + np.arange(cfg.window)[None, :]
-        frames = input_values[:, idx] * self._hann                                   # [B, T, window]
+        frames = padded[:, idx] * self._hann                                         # [B, T, window]
         power = jnp.abs(jnp.fft.rfft(frames, axis=-1)) ** 2 / cfg.window
         feats = (jnp.log(power @ self._mel + cfg.log_floor) + cfg.offset) * cfg.scale
         if num_valid_frames is not None:

@@ -10,6 +10,11 @@
                                                           --videos DIR/videos --out DIR/data --height H --width W`
                                                           with the arguments after `--` (e.g. --random_encoders
                                                           --frames 6 --text_len 32, or --ckpt_dir CKPT)
+  recipe   --out RUN [--clips K] [--install] [--stages a,b]
+                                                          the whole training recipe (tinyworld/recipe.py): clips,
+                                                          VAE, dataset, teacher, student Stage 1 and 2, weights,
+                                                          evaluation on unseen speech; --install makes the weights
+                                                          the embedded default of infer.stream
 
 --size is H (square) or H*W. Bad input exits with code 2 and a message naming the file.
 """
@@ -67,6 +72,15 @@ def parse_args(argv):
         if name == "dataset":
             d.add_argument("preprocess_args", nargs=argparse.REMAINDER,
                            help="arguments for train.preprocess, after --")
+    r = sub.add_parser("recipe", help="train the tiny world's VAE, teacher and student from scratch")
+    r.add_argument("--out", required=True, help="run folder (a killed recipe resumes from it)")
+    r.add_argument("--clips", type=int, default=48, help="training clips")
+    r.add_argument("--seconds", type=float, default=8.0, help="length of each training clip")
+    r.add_argument("--eval_clips", type=int, default=3, help="evaluation clips (unseen faces, voices, sentences)")
+    r.add_argument("--eval_seconds", type=float, default=20.0)
+    r.add_argument("--stages", default=",".join(("clips", "vae", "data", "teacher", "student", "distill", "weights",
+                                                   "eval")), help="comma-separated subset, in order")
+    r.add_argument("--install", action="store_true", help="copy the weights to liveavatar_jax/assets/tinyworld")
     return p.parse_args(argv)
 
 
@@ -83,6 +97,17 @@ def main(argv=None) -> int:
     from liveavatar_jax.tinyworld import face as face_lib
 
     try:
+        if args.command == "recipe":
+            from liveavatar_jax.tinyworld.recipe import Recipe
+
+            stages = [s for s in args.stages.split(",") if s]
+            unknown = sorted(set(stages) - set(Recipe.STAGES))
+            if unknown:
+                raise ValueError(f"--stages: unknown stage(s) {unknown}; known: {list(Recipe.STAGES)}")
+            recipe = Recipe(args.out, clips=args.clips, seconds=args.seconds, eval_clips=args.eval_clips,
+                            eval_seconds=args.eval_seconds, log=lambda line: print(line, flush=True))
+            print(json.dumps(recipe(stages, install=args.install)))
+            return 0
         if args.command == "face":
             out = Path(args.out)
             if out.is_dir():

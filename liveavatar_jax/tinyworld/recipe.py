@@ -1,0 +1,263 @@
+"""The tiny world's whole training recipe, from nothing to the embedded default's weights, with the project's own
+commands: `python -m liveavatar_jax.tinyworld recipe --out RUN [--install]`.
+
+Stages (each one a subprocess running the command a user would type; its output goes to RUN/logs/<stage>.log; a
+stage whose outputs exist is skipped, so a killed recipe resumes where it stopped):
+
+  clips      python -m liveavatar_jax.tinyworld clips        procedural clips (faces, speech, the mouth law)
+  vae        python -m train.vae                             configs/tinyworld_vae.py
+  data       python -m train.preprocess --tiny_vae           latents, spectral audio features, prompt embedding
+  teacher    python -m train.pretrain                        configs/tinyworld_teacher.py (bidirectional)
+  student    python -m train.pretrain                        configs/tinyworld_student.py (Stage 1, from the teacher)
+  distill    python -m train.distill                         configs/tinyworld_distill.py (Stage 2, DMD)
+  weights    RUN/weights/{dit,vae}.safetensors + manifest.json (sizes, sha256, the figures of every stage)
+  eval       python -m infer.stream + python -m liveavatar_jax.eval on speech no stage trained on
+
+`--install` copies RUN/weights into liveavatar_jax/assets/tinyworld, the folder configs/tiny.py's
+`trained_weights` names, so `python -m infer.stream` without --ckpt_dir streams the trained model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+ASSETS = Path(__file__).resolve().parents[1] / "assets" / "tinyworld"
+PROMPT = "A person is talking to the camera."
+EVAL_SEED = 900_000          # clip seeds of the evaluation: faces, voices and sentences no training clip has
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _last_metrics(workdir: Path) -> dict:
+    path = workdir / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1]) if lines else {}
+
+
+class Recipe:
+    def __init__(self, out, *, clips: int, seconds: float, eval_clips: int, eval_seconds: float,
+                 overrides: dict[str, list[str]] | None = None, log=print):
+        self.run = Path(out)
+        self.clips, self.seconds = clips, seconds
+        self.eval_clips, self.eval_seconds = eval_clips, eval_seconds
+        self.overrides = overrides or {}
+        self.log = log
+        self.figures: dict[str, dict] = {}
+        self.logs = self.run / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.summary_path = self.run / "recipe.json"
+        if self.summary_path.is_file():
+            self.figures = json.loads(self.summary_path.read_text()).get("stages", {})
+
+    # -------------------------------------------------------------------------------------------- plumbing
+
+    def _command(self, stage: str, args: list[str]) -> float:
+        cmd = [sys.executable, "-m", *args, *self.overrides.get(stage, [])]
+        self.log(f"[{stage}] {' '.join(cmd[2:])}")
+        t0 = time.perf_counter()
+        with open(self.logs / f"{stage}.log", "a") as logf:
+            logf.write(f"$ {' '.join(cmd)}\n")
+            logf.flush()
+            proc = subprocess.run(cmd, cwd=REPO, stdout=logf, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        seconds = time.perf_counter() - t0
+        if proc.returncode != 0:
+            tail = (self.logs / f"{stage}.log").read_text().splitlines()[-15:]
+            raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}); {self.logs / (stage + '.log')} "
+                               "ends with:\n  " + "\n  ".join(tail))
+        return seconds
+
+    def _record(self, stage: str, **figures):
+        self.figures[stage] = {**self.figures.get(stage, {}), **figures}
+        self.summary_path.write_text(json.dumps({"stages": self.figures}, indent=1))
+        shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
+        self.log(f"[{stage}] {shown}")
+
+    def _train(self, stage: str, module: str, config: str, workdir: Path, export: str, extra: list[str]):
+        if (workdir / export).is_file():
+            self.log(f"[{stage}] {workdir / export} exists: skipped")
+            return
+        seconds = self._command(stage, [module, f"--config={REPO / 'configs' / config}", f"--workdir={workdir}",
+                                        f"--config.data.path={self.data_dir}", *extra])
+        last = _last_metrics(workdir)
+        self._record(stage, seconds=round(seconds, 1), **{k: v for k, v in last.items()
+                                                          if isinstance(v, (int, float))})
+
+    @property
+    def clips_dir(self) -> Path:
+        return self.run / "clips"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.run / "data"
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.run / "weights"
+
+    # ---------------------------------------------------------------------------------------------- stages
+
+    def stage_clips(self):
+        if len(list(self.clips_dir.glob("*.mp4"))) >= self.clips:
+            return
+        seconds = self._command("clips", ["liveavatar_jax.tinyworld", "clips", "--count", str(self.clips),
+                                          "--seconds", str(self.seconds), "--out", str(self.clips_dir)])
+        self._record("clips", seconds=round(seconds, 1), clips=self.clips, clip_seconds=self.seconds)
+
+    def stage_vae(self):
+        workdir = self.run / "vae"
+        if (workdir / "vae.safetensors").is_file():
+            return
+        seconds = self._command("vae", ["train.vae", f"--config={REPO / 'configs' / 'tinyworld_vae.py'}",
+                                        f"--workdir={workdir}", f"--config.data.path={self.clips_dir}"])
+        last = _last_metrics(workdir)
+        self._record("vae", seconds=round(seconds, 1), **{k: v for k, v in last.items()
+                                                          if isinstance(v, (int, float))})
+
+    def stage_data(self):
+        from configs import tinyworld_teacher
+
+        if (self.data_dir / "index.json").is_file():
+            return
+        seconds = self._command("data", [
+            "train.preprocess", "--videos", str(self.clips_dir), "--out", str(self.data_dir),
+            "--tiny_vae", str(self.run / "vae" / "vae.safetensors"), "--frames", str(tinyworld_teacher.FRAMES),
+            "--height", "64", "--width", "64", "--fps", "25", "--text_len", "32", "--prompt", PROMPT])
+        index = json.loads((self.data_dir / "index.json").read_text())
+        self._record("data", seconds=round(seconds, 1), examples=len(index["examples"]))
+
+    def stage_teacher(self):
+        self._train("teacher", "train.pretrain", "tinyworld_teacher.py", self.run / "teacher", "dit_ema.safetensors",
+                    [])
+
+    def stage_student(self):
+        self._train("student", "train.pretrain", "tinyworld_student.py", self.run / "student", "dit_ema.safetensors",
+                    [f"--config.model.checkpoint={self.run / 'teacher' / 'dit_ema.safetensors'}"])
+
+    def stage_distill(self):
+        self._train("distill", "train.distill", "tinyworld_distill.py", self.run / "distill",
+                    "student_dit_ema.safetensors",
+                    [f"--config.model.checkpoint={self.run / 'teacher' / 'dit_ema.safetensors'}",
+                     f"--config.distill.init_student={self.run / 'student' / 'dit_ema.safetensors'}"])
+
+    def stage_weights(self):
+        from liveavatar_jax.pipeline import TRAINED_DIT, TRAINED_VAE
+
+        self.weights_dir.mkdir(parents=True, exist_ok=True)
+        sources = {TRAINED_DIT: self.run / "distill" / "student_dit_ema.safetensors",
+                   TRAINED_VAE: self.run / "vae" / "vae.safetensors",
+                   "teacher.safetensors": self.run / "teacher" / "dit_ema.safetensors"}
+        files = {}
+        for name, src in sources.items():
+            shutil.copyfile(src, self.weights_dir / name)
+            files[name] = {"bytes": src.stat().st_size, "sha256": _sha256(src), "from": str(src.relative_to(self.run))}
+        manifest = {"recipe": "python -m liveavatar_jax.tinyworld recipe", "files": files, "stages": self.figures}
+        (self.weights_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        self._record("weights", megabytes=round(sum(f["bytes"] for f in files.values()) / 1e6, 2))
+
+    def stage_eval(self, steps: int = 4, name: str = "eval", extra: list[str] | None = None) -> dict:
+        """Streams the student on `eval_clips` clips whose seeds no training clip used (new faces, voices and
+        sentences) and scores them; also scores the clips' ground-truth renders, the reference figures."""
+        out = self.run / name
+        out.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i in range(self.eval_clips):
+            seed = EVAL_SEED + i
+            gt = out / f"truth_{seed}.mp4"
+            if not gt.is_file():
+                self._command(name, ["liveavatar_jax.tinyworld", "clip", "--seed", str(seed), "--seconds",
+                                     str(self.eval_seconds), "--out", str(gt)])
+            gen = out / f"student_{seed}.mp4"
+            if not gen.is_file():
+                self._command(name, ["infer.stream", "--image", str(gt.with_suffix(".png")), "--audio",
+                                     str(gt.with_suffix(".wav")), "--out", str(gen), "--steps", str(steps),
+                                     f"--config.trained_weights={self.weights_dir}", *(extra or [])])
+            row = {"seed": seed}
+            for kind, video in (("student", gen), ("truth", gt)):
+                res = subprocess.run([sys.executable, "-m", "liveavatar_jax.eval", "--video", str(video), "--audio",
+                                      str(gt.with_suffix(".wav")), "--image", str(gt.with_suffix(".png"))],
+                                     cwd=REPO, capture_output=True, text=True)
+                if res.returncode != 0:
+                    raise RuntimeError(f"eval of {video} failed: {res.stderr.strip()[-500:]}")
+                scored = json.loads(res.stdout)
+                row[f"{kind}_sync"] = scored["sync"]
+                row[f"{kind}_drift_max"] = scored["drift"]["max"]
+            rows.append(row)
+        mean = lambda key: round(float(sum(r[key] for r in rows) / len(rows)), 4)   # noqa: E731
+        figures = {"clips": len(rows), "seconds_each": self.eval_seconds, "steps": steps,
+                   "student_sync": mean("student_sync"), "truth_sync": mean("truth_sync"),
+                   "student_drift_max": mean("student_drift_max"), "truth_drift_max": mean("truth_drift_max")}
+        (out / "rows.json").write_text(json.dumps(rows, indent=1))
+        self._record(name, **figures)
+        return figures
+
+    def stage_teacher_eval(self, steps: int = 20, guidance: float = 3.0) -> dict:
+        """The bidirectional teacher on the evaluation clips, sampled clip by clip (`sampling.teacher`) with the
+        guidance it has as Stage 2's real score, through the same VAE and trimming as a stream."""
+        from configs import tiny, tinyworld_teacher
+        from liveavatar_jax.eval import evaluate
+        from liveavatar_jax.pipeline import Pipeline, plan_stream
+        from liveavatar_jax.sampling.teacher import sample_teacher_frames
+        from liveavatar_jax.tinyworld.clips import write_mp4
+        from liveavatar_jax.io.audio import load_audio
+        from liveavatar_jax.weights.dit_keys import load_dit
+
+        out = self.run / "eval"
+        config = tiny.get_config()
+        config.trained_weights = str(self.weights_dir)
+        pipe = Pipeline(config)
+        teacher = load_dit(self.weights_dir / "teacher.safetensors", pipe.models.dit.cfg)
+        rows = []
+        for i in range(self.eval_clips):
+            seed = EVAL_SEED + i
+            gt = out / f"truth_{seed}.mp4"
+            video = out / f"teacher_{seed}.mp4"
+            if not video.is_file():
+                plan, image = plan_stream(config, gt.with_suffix(".png"), gt.with_suffix(".wav"))
+                prepared = pipe.prepare(image, gt.with_suffix(".wav"), PROMPT, plan=plan)
+                frames = sample_teacher_frames(pipe, teacher, prepared, frames=tinyworld_teacher.FRAMES, steps=steps,
+                                               shift=pipe.stream_cfg.shift, guidance=guidance, seed=seed)
+                frames = frames[plan.drop_first_frames: plan.drop_first_frames + plan.video_frames]
+                write_mp4(video, frames, load_audio(gt.with_suffix(".wav")))
+            scored = evaluate(video, gt.with_suffix(".wav"), gt.with_suffix(".png"))
+            rows.append({"seed": seed, "teacher_sync": scored["sync"], "teacher_drift_max": scored["drift"]["max"]})
+        figures = {"clips": len(rows), "sampling_steps": steps, "guidance": guidance,
+                   "teacher_sync": round(float(np.mean([r["teacher_sync"] for r in rows])), 4),
+                   "teacher_drift_max": round(float(np.mean([r["teacher_drift_max"] for r in rows])), 4)}
+        self._record("teacher_eval", **figures)
+        return figures
+
+    def install(self):
+        ASSETS.mkdir(parents=True, exist_ok=True)
+        for name in ("dit.safetensors", "vae.safetensors", "manifest.json"):
+            shutil.copyfile(self.weights_dir / name, ASSETS / name)
+        self.log(f"[install] {ASSETS}")
+
+    STAGES = ("clips", "vae", "data", "teacher", "student", "distill", "weights", "eval", "teacher_eval")
+
+    def __call__(self, stages=STAGES, install: bool = False):
+        t0 = time.perf_counter()
+        for stage in stages:
+            getattr(self, f"stage_{stage}")()
+        self._record("recipe", seconds=round(time.perf_counter() - t0, 1))
+        if install:
+            self.install()
+        return self.figures
