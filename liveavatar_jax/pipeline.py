@@ -331,6 +331,8 @@ class Pipeline:
             state, out = self.engine.step(state, ctx, audio)
             g += 1
             if out.get("valid", True):
+                # the step returns before the device is done: time the block until its frames exist
+                jax.block_until_ready(out.get("frames", out))
                 yield state, out.get("block", g - 1), out, time.perf_counter() - t0
         if hasattr(self.engine, "flush"):
             t0 = time.perf_counter()

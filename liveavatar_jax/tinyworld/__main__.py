@@ -78,8 +78,8 @@ def parse_args(argv):
     r.add_argument("--seconds", type=float, default=8.0, help="length of each training clip")
     r.add_argument("--eval_clips", type=int, default=3, help="evaluation clips (unseen faces, voices, sentences)")
     r.add_argument("--eval_seconds", type=float, default=20.0)
-    r.add_argument("--stages", default=",".join(("clips", "vae", "data", "teacher", "student", "distill", "weights",
-                                                   "eval")), help="comma-separated subset, in order")
+    r.add_argument("--stages", default="clips,vae,data,teacher,student,distill,weights,eval,teacher_eval",
+                   help="comma-separated stages, in order (also: ablation, the 10-minute ablation table)")
     r.add_argument("--install", action="store_true", help="copy the weights to liveavatar_jax/assets/tinyworld")
     return p.parse_args(argv)
 

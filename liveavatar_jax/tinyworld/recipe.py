@@ -245,13 +245,60 @@ class Recipe:
         self._record("teacher_eval", **figures)
         return figures
 
+    # name -> infer.stream arguments of one row of the ablation table (docs/tinyworld.md)
+    ABLATIONS = {
+        "4 steps, RSFM on (default)": [],
+        "4 steps, RSFM off": ["--config.stream.rolling_sink=False", "--config.stream.sink_replace_block=None"],
+        "3 steps": ["--steps", "3"],
+        "2 steps": ["--steps", "2"],
+        "4 steps, TPP 4+1 (simulated devices)": ["--tpp", "--cpu_devices", "5"],
+    }
+
+    def stage_ablation(self, seconds: float = 600.0) -> dict:
+        """Every row of ABLATIONS streamed over one long unseen track: sync, colour drift and steady fps."""
+        out = self.run / "ablation"
+        out.mkdir(parents=True, exist_ok=True)
+        seed = EVAL_SEED + 100
+        gt = out / f"truth_{seed}.mp4"
+        if not gt.is_file():
+            self._command("ablation", ["liveavatar_jax.tinyworld", "clip", "--seed", str(seed), "--seconds",
+                                       str(seconds), "--out", str(gt)])
+        rows = {}
+        for i, (name, extra) in enumerate(self.ABLATIONS.items()):
+            video = out / f"row{i}.mp4"
+            summary_path = video.with_suffix(".json")
+            if not summary_path.is_file():
+                args = ["infer.stream", "--image", str(gt.with_suffix(".png")), "--audio", str(gt.with_suffix(".wav")),
+                        "--out", str(video), f"--config.trained_weights={self.weights_dir}", *extra]
+                res = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True)
+                (self.logs / "ablation.log").open("a").write(f"$ {' '.join(args)}\n{res.stderr[-3000:]}\n")
+                if res.returncode != 0:
+                    raise RuntimeError(f"ablation row {name!r} failed: {res.stderr.strip()[-800:]}")
+                summary_path.write_text(res.stdout.strip().splitlines()[-1])
+            summary = json.loads(summary_path.read_text())
+            from liveavatar_jax.eval import evaluate
+
+            scored = evaluate(video, gt.with_suffix(".wav"), gt.with_suffix(".png"))
+            rows[name] = {"command": "python -m infer.stream --image IMG --audio AUDIO --out OUT "
+                                     + " ".join(extra),
+                          "sync": scored["sync"], "drift_max": scored["drift"]["max"],
+                          "drift_face_per_minute": scored["drift"].get("face_per_minute"), "steady_fps": summary.get("steady_fps")}
+            self.log(f"[ablation] {name}: {rows[name]}")
+        from liveavatar_jax.eval import evaluate
+
+        truth = evaluate(gt, gt.with_suffix(".wav"), gt.with_suffix(".png"))
+        rows["ground truth render"] = {"sync": truth["sync"], "drift_max": truth["drift"]["max"]}
+        (out / "table.json").write_text(json.dumps(rows, indent=1))
+        self._record("ablation", seconds_of_audio=seconds, rows=len(rows))
+        return rows
+
     def install(self):
         ASSETS.mkdir(parents=True, exist_ok=True)
         for name in ("dit.safetensors", "vae.safetensors", "manifest.json"):
             shutil.copyfile(self.weights_dir / name, ASSETS / name)
         self.log(f"[install] {ASSETS}")
 
-    STAGES = ("clips", "vae", "data", "teacher", "student", "distill", "weights", "eval", "teacher_eval")
+    STAGES = ("clips", "vae", "data", "teacher", "student", "distill", "weights", "eval", "teacher_eval", "ablation")
 
     def __call__(self, stages=STAGES, install: bool = False):
         t0 = time.perf_counter()
