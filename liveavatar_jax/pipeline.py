@@ -155,8 +155,17 @@ def build_models(config, ckpt_dir=None) -> Models:
         def random(factory, offset):
             return randomize(nnx.eval_shape(lambda: factory(nnx.Rngs(0))), seed + offset)
 
-        dit = random(lambda r: CausalS2VDiT(dit_cfg, rngs=r), 0)
-        vae = VAE(random(lambda r: WanVAE(vae_cfg, dtype=dtype, rngs=r), 1))
+        trained = trained_weights_dir(config)
+        if trained is not None:
+            from liveavatar_jax.weights.dit_keys import load_dit
+            from liveavatar_jax.weights.vae_keys import load_vae
+
+            # The tiny world's trained DiT and VAE; the prompt encoder stays random (one fixed prompt in that world)
+            dit = load_dit(trained / TRAINED_DIT, dit_cfg)
+            vae = VAE(load_vae(trained / TRAINED_VAE, vae_cfg, dtype=dtype))
+        else:
+            dit = random(lambda r: CausalS2VDiT(dit_cfg, rngs=r), 0)
+            vae = VAE(random(lambda r: WanVAE(vae_cfg, dtype=dtype, rngs=r), 1))
         audio_cfg = _as_dict(config.audio)
         if audio_cfg.get("kind") == "spectral":
             from liveavatar_jax.models.spectral import SpectralConfig, SpectralFrontEnd
@@ -166,14 +175,6 @@ def build_models(config, ckpt_dir=None) -> Models:
             audio = Wav2Vec2Runner(random(lambda r: Wav2Vec2ForCTC(w2v_cfg, dtype=dtype, ctc_head=False, rngs=r), 2))
         t5_cfg = UMT5Config.from_config(_as_dict(config.text))
         text = RandomPromptEncoder(random(lambda r: UMT5Encoder(t5_cfg, dtype=dtype, rngs=r), 3))
-        trained = trained_weights_dir(config)
-        if trained is not None:
-            from liveavatar_jax.weights.dit_keys import load_dit
-            from liveavatar_jax.weights.vae_keys import load_vae
-
-            # The tiny world's trained DiT and VAE; the prompt encoder stays random (one fixed prompt in that world)
-            dit = load_dit(trained / TRAINED_DIT, dit_cfg)
-            vae = VAE(load_vae(trained / TRAINED_VAE, vae_cfg, dtype=dtype))
         return Models(dit=dit, vae=vae, audio=audio, text=text, random_weights=trained is None)
 
     from liveavatar_jax.text import PromptEncoder

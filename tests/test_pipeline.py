@@ -34,3 +34,38 @@ def test_live_generator_yields_blocks_as_audio_arrives(pipe):
     assert spans[0] == (3 / 25, 12 / 25)
     assert all(abs(a[1] - b[0]) < 1e-9 for a, b in zip(spans, spans[1:]))       # contiguous
     assert spans[-1][1] >= 3.0                                                  # covers the speech
+
+
+def test_trained_weights_folder_is_loaded_and_a_missing_file_is_named(tmp_path):
+    """config.trained_weights: the DiT and VAE come from the folder (official key names), not from the seed."""
+    import jax
+    from flax import nnx
+
+    from liveavatar_jax.distill.export import export_dit
+    from liveavatar_jax.pipeline import InputError, build_models
+    from liveavatar_jax.weights.random_init import randomize
+    from liveavatar_jax.weights.vae_keys import save_vae
+
+    spec = importlib.util.spec_from_file_location("tiny", REPO / "configs" / "tiny.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    config = mod.get_config()
+    seeded = build_models(config)
+    # "trained" = another seed's weights, written the way the recipe writes them
+    config.weights_seed = 7
+    other = build_models(config)
+    export_dit(nnx.to_pure_dict(nnx.state(other.dit, nnx.Param)), other.dit.cfg, tmp_path / "dit.safetensors")
+    config.trained_weights = str(tmp_path)
+    with pytest.raises(InputError, match=r"missing vae\.safetensors"):
+        build_models(config)
+    save_vae(nnx.merge(other.vae.graphdef, other.vae.state), tmp_path / "vae.safetensors", dtype=np.float32)
+    config.weights_seed = 0
+    loaded = build_models(config)
+    assert not loaded.random_weights and seeded.random_weights
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))),
+                        nnx.state(loaded.dit, nnx.Param), nnx.state(other.dit, nnx.Param))
+    assert all(jax.tree.leaves(same))
+    leaves = lambda m: [np.asarray(a, np.float32) for a in jax.tree.leaves(nnx.state(m.vae.state, nnx.Param))]  # noqa
+    for a, b in zip(leaves(loaded), leaves(other)):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(leaves(loaded), leaves(seeded)))

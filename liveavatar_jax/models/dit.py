@@ -17,9 +17,8 @@ production); RoPE cos/sin rounded to float16; the text cross-attention pre-norm 
 
 from __future__ import annotations
 
-import functools
-
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -31,6 +30,8 @@ from liveavatar_jax.models import rope
 from liveavatar_jax.models.attention import attention
 from liveavatar_jax.streaming.caches import RingCache, SinkCache
 
+
+TEXT_KEY_BUCKET = 32   # text keys kept per prompt are a multiple of this (see CausalS2VDiT.text_kv)
 
 # Per-layer rematerialisation policies for training (`remat=` of the forwards); inference runs without.
 REMAT_POLICIES = {
@@ -368,9 +369,6 @@ def _stacked(factory, n: int, rngs: nnx.Rngs):
     def make(r):
         return factory(r)
     return make(rngs)
-
-
-TEXT_KEY_BUCKET = 32   # text keys kept per prompt are a multiple of this (see CausalS2VDiT.text_kv)
 
 
 def sinusoidal_embedding(t, dim: int):
