@@ -106,7 +106,11 @@ def main(argv=None) -> int:
                 raise ValueError(f"--stages: unknown stage(s) {unknown}; known: {list(Recipe.STAGES)}")
             recipe = Recipe(args.out, clips=args.clips, seconds=args.seconds, eval_clips=args.eval_clips,
                             eval_seconds=args.eval_seconds, log=lambda line: print(line, flush=True))
-            print(json.dumps(recipe(stages, install=args.install)))
+            try:
+                print(json.dumps(recipe(stages, install=args.install)))
+            except RuntimeError as e:      # a stage's command failed; its log is named in the message
+                print(f"error: {e}", file=sys.stderr)
+                return 1
             return 0
         if args.command == "face":
             out = Path(args.out)

@@ -10,8 +10,10 @@ stage whose outputs exist is skipped, so a killed recipe resumes where it stoppe
   teacher    python -m train.pretrain                        configs/tinyworld_teacher.py (bidirectional)
   student    python -m train.pretrain                        configs/tinyworld_student.py (Stage 1, from the teacher)
   distill    python -m train.distill                         configs/tinyworld_distill.py (Stage 2, DMD)
-  weights    RUN/weights/{dit,vae}.safetensors + manifest.json (sizes, sha256, the figures of every stage)
+  weights    RUN/weights/{dit,vae,teacher}.safetensors + manifest.json (sizes, sha256, every stage's figures)
   eval       python -m infer.stream + python -m liveavatar_jax.eval on speech no stage trained on
+  teacher_eval  the bidirectional teacher sampled clip by clip (sampling/teacher.py) on the same speech
+  ablation   (only when asked) RSFM on/off, 2/3/4 steps, TPP, over one 10-minute unseen track
 
 `--install` copies RUN/weights into liveavatar_jax/assets/tinyworld, the folder configs/tiny.py's
 `trained_weights` names, so `python -m infer.stream` without --ckpt_dir streams the trained model.
