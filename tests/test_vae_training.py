@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs.tinyworld_vae import get_config
-from liveavatar_jax.distill.vae_trainer import ClipWindows, VAETrainer
+from liveavatar_jax.distill.vae_trainer import ClipWindows, VAETrainer, reconstruct, to_unit
 from liveavatar_jax.models.vae import VAE, VAEConfig
 from liveavatar_jax.tinyworld.clips import write_clips
 from liveavatar_jax.weights.checkpoint import CheckpointError
@@ -27,12 +27,13 @@ def small_config(path):
     # one resolution change (stride 2 in space and time) and direct time convolutions: a small graph compiles fast
     c.vae = dict(dim=4, z_dim=4, dim_mult=(1, 2), num_res_blocks=1, temporal_downsample=(True,),
                  winograd_time_tile=1)
-    c.data.update(path=str(path), frames=5, height=32, width=32, batch_size=2)
+    # streams of 5 chunks, one a step: the checkpoint at STEPS // 2 falls inside a stream, whose caches it carries
+    c.data.update(path=str(path), frames=5, height=32, width=32, batch_size=2, stream_chunks=5, chunks_per_step=1)
     c.total_steps = STEPS
     c.checkpoint_every = STEPS // 2
     c.async_checkpointing = False
     c.log_every = 1000
-    c.optimizer.lr = 3e-3
+    c.optimizer.update(lr=3e-3, final_lr_fraction=1.0)   # a constant rate: 24 steps show the fall
     c.loss.mouth_weight = 3.0
     c.stats_windows = 8
     c.export_dtype = "float32"
@@ -62,7 +63,7 @@ def test_loss_falls(straight_run):
     losses = _losses(straight_run[0])
     assert len(losses) == STEPS
     first, last = np.mean(losses[:3]), np.mean(losses[-3:])
-    assert last < 0.7 * first, (first, last)
+    assert last < 0.8 * first, (first, last)
 
 
 def test_resume_is_bit_exact(trainer, straight_run, tmp_path):
@@ -99,6 +100,28 @@ def test_export_loads_to_the_same_decoder(trainer, straight_run):
     np.testing.assert_array_equal(np.asarray(loaded.decode(latents)), np.asarray(VAE(trained).decode(latents)))
     # the stored statistics make the latents of training-like clips roughly zero-mean and unit-scale
     assert abs(float(latents.mean())) < 0.5 and 0.4 < float(latents.std()) < 2.5
+
+
+def test_streams_continue_across_steps(trainer):
+    """The steps of one training stream hand on consecutive frames, and a stream continued from carried caches
+    decodes what one pass over all its frames decodes (the streaming encoder and decoder)."""
+    data, c = trainer.data, trainer.config
+    pieces = [data.stream_batch(7, step, 2, 5, 1) for step in range(5)]
+    assert [first for _, first in pieces] == [True, False, False, False, False]
+    assert [v.shape[1] for v, _ in pieces] == [5, 4, 4, 4, 4]
+    stream = np.concatenate([v for v, _ in pieces], axis=1)
+    clip = to_unit(data.clips[0])       # one clip: both streams come from it, each at its own start frame
+    for s in stream:
+        assert any(np.array_equal(clip[i:i + 21], s) for i in range(len(clip) - 20))
+    assert data.stream_batch(7, 5, 2, 5, 1)[1]           # step 5 starts the next streams
+
+    model = trainer.model(trainer.initial_state().params)
+    video = jnp.asarray(stream[:, :9])
+    whole, mu, _, _ = reconstruct(model, video)
+    head, mu_head, _, caches = reconstruct(model, video[:, :5])
+    tail, mu_tail, _, _ = reconstruct(model, video[:, 5:], caches=caches)
+    np.testing.assert_allclose(np.concatenate([head, tail], 1), whole, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate([mu_head, mu_tail], 1), mu, atol=1e-5)
 
 
 def test_bad_inputs_are_named(tmp_path, trainer):
