@@ -28,8 +28,8 @@ def get_config():
     # a step with the encoder's and decoder's caches carried from step to step (no gradient through them), so that
     # training meets the cache states of a long stream. The default (stream_chunks = chunks_per_step = 2) is one
     # fresh 9-frame window a step, the measured baseline: 18-20 dB on frames 0-8 of a held-out clip, 6-12 dB after.
-    # Long streams as tried so far train worse (docs/tinyworld.md, VAE): 2 streams of 48 chunks stalled at ~13 dB
-    # training PSNR in 300 steps, 4 streams of 8 chunks at ~12 dB in 147.
+    # Long streams are not yet measured better (docs/tinyworld.md, VAE): ahead of the windows for 150 steps (13-14 vs
+    # 12 dB training PSNR), but no stream run without posterior collapse has reached 600 steps yet.
     # `frames`: the windows the latent statistics are measured on at export.
     c.data = dict(path="", frames=9, height=64, width=64, batch_size=2, max_clips=0, stream_chunks=2,
                   chunks_per_step=2)
