@@ -302,9 +302,8 @@ class Pipeline:
         `engine`, the pipeline's own by default), the reference and motion latents."""
         context = self.models.text.encode(prompt)
         text = self._embed_text(jnp.asarray(context, self.models.dit.cfg.jnp_dtype)[None])
-        ctx = StreamContext(text=text, ref_latents=ref_latents, motion_latents=motion_latents,
-                            text_tokens=int(context.shape[0]))
-        return (engine or self.engine).with_text_kv(ctx)
+        ctx = StreamContext(text=text, ref_latents=ref_latents, motion_latents=motion_latents)
+        return (engine or self.engine).with_text_kv(ctx, text_tokens=int(context.shape[0]))
 
     def prepare(self, image, audio, prompt: str, *, plan: Plan) -> Prepared:
         pixels = image_io.preprocess_reference(image, plan.height, plan.width)

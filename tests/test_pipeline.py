@@ -34,6 +34,11 @@ def test_live_generator_yields_blocks_as_audio_arrives(pipe):
     assert spans[0] == (3 / 25, 12 / 25)
     assert all(abs(a[1] - b[0]) < 1e-9 for a, b in zip(spans, spans[1:]))       # contiguous
     assert spans[-1][1] >= 3.0                                                  # covers the speech
+    # a second session with a prompt of another length (same text-key bucket) reuses every compiled program
+    compiled = pipe.engine._step._cache_size(), pipe.engine._init._cache_size()
+    again = list(pipe.live(image, "somebody says something else entirely", chunks[:4], seed=2,
+                           total_samples=4 * 4800))
+    assert again and (pipe.engine._step._cache_size(), pipe.engine._init._cache_size()) == compiled
 
 
 def test_trained_weights_folder_is_loaded_and_a_missing_file_is_named(tmp_path):

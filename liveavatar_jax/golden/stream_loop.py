@@ -28,8 +28,8 @@ def run(fixture) -> dict[str, np.ndarray]:
 
     text = model.embed_text(jnp.asarray(inp["context"])[None])
     ctx = StreamContext(text=text, ref_latents=jnp.asarray(inp["ref_latents"]),
-                        motion_latents=jnp.asarray(inp["motion_latents"]), text_tokens=len(inp["context"]))
-    ctx = engine.with_text_kv(ctx)   # padding rows folded into one key, as infer.stream does
+                        motion_latents=jnp.asarray(inp["motion_latents"]))
+    ctx = engine.with_text_kv(ctx, text_tokens=len(inp["context"]))   # padding folded into one key, as infer.stream
     n_blocks = clips * bpc
     noise = np.concatenate([inp[f"clip{r}.noise"] for r in range(clips)], axis=1)        # [16, T, h, w]
     noise = noise.reshape(16, n_blocks, fpb, *noise.shape[2:]).transpose(1, 0, 2, 3, 4)[:, None]

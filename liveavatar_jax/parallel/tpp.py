@@ -253,12 +253,12 @@ class TPPEngine:
         return TPPState(rings=rings, sink=sink, slots=slots, first_latent=jnp.zeros_like(ctx.ref_latents, mc.jnp_dtype),
                         key=jax.random.wrap_key_data(key_data, impl=key_impl))
 
-    def with_text_kv(self, ctx: StreamContext) -> StreamContext:
+    def with_text_kv(self, ctx: StreamContext, text_tokens: int | None = None) -> StreamContext:
         """The context with every layer's text keys/values computed once (as `StreamEngine.with_text_kv`)."""
         ctx = self.prepare(ctx)
         if ctx.text_kv is not None:
             return ctx
-        return ctx.replace(text_kv=self._text_kv(self.params, ctx.text, ctx.text_tokens))
+        return ctx.replace(text_kv=self._text_kv(self.params, ctx.text, text_tokens))
 
     def prepare(self, ctx: StreamContext) -> StreamContext:
         """The context replicated over the mesh (done once; `init`, `run` and `step` accept either form)."""

@@ -57,13 +57,11 @@ class StreamState:
 @struct.dataclass
 class StreamContext:
     """Per-stream inputs that never change: the embedded prompt (and, once `with_text_kv` ran, every layer's text
-    keys/values), the original reference and motion latents. `text_tokens`, the prompt's real token count (the rest
-    of `text` is padding), lets `with_text_kv` fold the padding rows into one key (`CausalS2VDiT.text_kv`)."""
+    keys/values), the original reference and motion latents."""
     text: jnp.ndarray
     ref_latents: jnp.ndarray
     motion_latents: jnp.ndarray
     text_kv: tuple | None = None
-    text_tokens: int | None = struct.field(pytree_node=False, default=None)
 
 
 def block_noise(key, block, shape, dtype=jnp.float32):
@@ -122,11 +120,14 @@ class StreamEngine:
         return StreamState(rings=rings, sink=sink, first_latent=jnp.zeros_like(ctx.ref_latents, mc.jnp_dtype),
                            block=jnp.zeros((), jnp.int32), key=key, decoder=decoder)
 
-    def with_text_kv(self, ctx: StreamContext) -> StreamContext:
-        """The context with every layer's text keys/values computed once (they never change within a stream)."""
+    def with_text_kv(self, ctx: StreamContext, text_tokens: int | None = None) -> StreamContext:
+        """The context with every layer's text keys/values computed once (they never change within a stream).
+        `text_tokens`, the prompt's real token count (the rest of `text` is padding), folds the padding rows into
+        one key (`CausalS2VDiT.text_kv`). It is not kept in the context: a static field there would recompile the
+        jitted step for every prompt length."""
         if ctx.text_kv is not None:
             return ctx
-        return ctx.replace(text_kv=self._text_kv(self.params, ctx.text, ctx.text_tokens))
+        return ctx.replace(text_kv=self._text_kv(self.params, ctx.text, text_tokens))
 
     def init(self, ctx: StreamContext, seed_or_key) -> StreamState:
         key = jax.random.key(seed_or_key) if isinstance(seed_or_key, int) else seed_or_key
