@@ -10,6 +10,7 @@ The architecture is configs/tiny.py's `vae` section (the embedded default loads 
 import ml_collections
 
 from configs import tiny
+from liveavatar_jax.distill import config as defaults
 
 
 def get_config():
@@ -34,8 +35,9 @@ def get_config():
     c.data = dict(path="", frames=9, height=64, width=64, batch_size=2, max_clips=0, stream_chunks=2,
                   chunks_per_step=2)
     # final_lr_fraction < 1: cosine decay of the learning rate over decay_steps (0: total_steps)
-    c.optimizer = dict(lr=2e-3, b1=0.9, b2=0.99, eps=1e-8, weight_decay=1e-4, clip_norm=1.0, accumulate=1,
-                       mu_dtype="", final_lr_fraction=1.0, decay_steps=0)
+    c.optimizer = defaults.optimizer(2e-3, b1=0.9, b2=0.99, weight_decay=1e-4, clip_norm=1.0)
+    c.optimizer.final_lr_fraction = 1.0
+    c.optimizer.decay_steps = 0
     # kl_weight: on 48-chunk streams 1e-4 walked the log-variance up to 0 within ~200 steps (KL 3.5 -> 0.02, mu's
     # std 0.12 under unit noise); 1e-6 kept the posterior narrow there (KL ~2-4). 1e-4 is the windows' measured value.
     # mouth_box: (top, bottom, left, right) in fractions of the frame, around the tiny world's mouth with its sway

@@ -17,3 +17,14 @@ def golden_dir(kind: str) -> Path:
     if not (path / "manifest.json").is_file():
         pytest.skip(f"golden fixture {path} not present (../shared/golden sits beside the checkout in CI)")
     return path
+
+
+def override(config, values: dict):
+    """Sets dotted keys of an ml-collections config ({"data.batch_size": 2, ...}), as --config.a.b=v would."""
+    for key, value in values.items():
+        node = config
+        *head, last = key.split(".")
+        for name in head:
+            node = node[name]
+        node[last] = value
+    return config

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import override
 from configs import distill_tiny
 from liveavatar_jax.data.format import ExampleSpec
 from liveavatar_jax.data.preprocess import write_random_dataset
@@ -32,13 +33,7 @@ TINY_OVERRIDES = {"data.batch_size": 4, "mesh.fsdp": 4, "compilation_cache": str
 
 def tiny_config(data_path):
     c = distill_tiny.get_config()
-    for k, v in {**TINY_OVERRIDES, "data.path": str(data_path)}.items():
-        node = c
-        *head, last = k.split(".")
-        for h in head:
-            node = node[h]
-        node[last] = v
-    return c
+    return override(c, {**TINY_OVERRIDES, "data.path": str(data_path)})
 
 
 def write_dataset(root):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import override
 from configs import tinyworld_distill, tinyworld_student, tinyworld_teacher
 from liveavatar_jax.data.format import ExampleSpec
 from liveavatar_jax.data.preprocess import write_random_dataset
@@ -25,13 +26,7 @@ def configure(module, data, **overrides):
     c = module.get_config()
     base = {"data.path": str(data), "data.batch_size": 2, "total_steps": 2, "checkpoint_every": 2, "log_every": 1,
             "compilation_cache": str(XLA_CACHE), "async_checkpointing": False}
-    for k, v in {**base, **overrides}.items():
-        node = c
-        *head, last = k.split(".")
-        for h in head:
-            node = node[h]
-        node[last] = v
-    return c
+    return override(c, {**base, **overrides})
 
 
 def leaves(tree):

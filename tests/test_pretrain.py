@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import override
 from configs import pretrain_tiny
 from liveavatar_jax.data.format import ExampleSpec
 from liveavatar_jax.data.preprocess import write_random_dataset
@@ -133,13 +134,7 @@ def tiny_config(data, workdir_name="", **overrides):
     c.total_steps = 3
     c.checkpoint_every = 2
     c.compilation_cache = str(XLA_CACHE)
-    for k, v in overrides.items():
-        node = c
-        *head, last = k.split(".")
-        for h in head:
-            node = node[h]
-        node[last] = v
-    return c
+    return override(c, overrides)
 
 
 @pytest.fixture(scope="module")

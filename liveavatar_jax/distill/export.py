@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from liveavatar_jax.distill.checkpoint import flatten
 from liveavatar_jax.models.dit import DiTConfig, abstract_model
 from liveavatar_jax.weights import dit_keys, keymap
 
@@ -29,17 +30,6 @@ _FLATTENED = {
 }
 
 
-def _flat(tree: Mapping, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def official_tensors(params: Mapping, cfg: DiTConfig) -> dict[str, np.ndarray]:
     """{official key: array in the official layout} for a DiT parameter tree (a pure dict as `nnx.to_pure_dict`
     makes); bfloat16 leaves are written as float32 (numpy safetensors has no bfloat16; the loader casts)."""
@@ -47,7 +37,7 @@ def official_tensors(params: Mapping, cfg: DiTConfig) -> dict[str, np.ndarray]:
 
     _, abstract, _ = nnx.split(abstract_model(cfg), nnx.Param, ...)
     shapes = keymap.flat_paths(abstract)
-    values = _flat(params)
+    values = flatten(params)
     if set(values) != set(shapes):
         raise ValueError("the parameter tree does not match the DiT config: "
                          f"missing {sorted(set(shapes) - set(values))[:5]}, extra {sorted(set(values) - set(shapes))[:5]}")

@@ -178,6 +178,8 @@ class Recipe:
     def stage_eval(self, steps: int = 4, name: str = "eval", extra: list[str] | None = None) -> dict:
         """Streams the student on `eval_clips` clips whose seeds no training clip used (new faces, voices and
         sentences) and scores them; also scores the clips' ground-truth renders, the reference figures."""
+        from liveavatar_jax.eval import evaluate
+
         out = self.run / name
         out.mkdir(parents=True, exist_ok=True)
         rows = []
@@ -194,12 +196,7 @@ class Recipe:
                                      f"--config.trained_weights={self.weights_dir}", *(extra or [])])
             row = {"seed": seed}
             for kind, video in (("student", gen), ("truth", gt)):
-                res = subprocess.run([sys.executable, "-m", "liveavatar_jax.eval", "--video", str(video), "--audio",
-                                      str(gt.with_suffix(".wav")), "--image", str(gt.with_suffix(".png"))],
-                                     cwd=REPO, capture_output=True, text=True)
-                if res.returncode != 0:
-                    raise RuntimeError(f"eval of {video} failed: {res.stderr.strip()[-500:]}")
-                scored = json.loads(res.stdout)
+                scored = evaluate(video, gt.with_suffix(".wav"), gt.with_suffix(".png"))
                 row[f"{kind}_sync"] = scored["sync"]
                 row[f"{kind}_drift_max"] = scored["drift"]["max"]
             rows.append(row)
@@ -258,6 +255,8 @@ class Recipe:
 
     def stage_ablation(self, seconds: float = 600.0) -> dict:
         """Every row of ABLATIONS streamed over one long unseen track: sync, colour drift and steady fps."""
+        from liveavatar_jax.eval import evaluate
+
         out = self.run / "ablation"
         out.mkdir(parents=True, exist_ok=True)
         seed = EVAL_SEED + 100
@@ -278,16 +277,12 @@ class Recipe:
                     raise RuntimeError(f"ablation row {name!r} failed: {res.stderr.strip()[-800:]}")
                 summary_path.write_text(res.stdout.strip().splitlines()[-1])
             summary = json.loads(summary_path.read_text())
-            from liveavatar_jax.eval import evaluate
-
             scored = evaluate(video, gt.with_suffix(".wav"), gt.with_suffix(".png"))
             rows[name] = {"command": "python -m infer.stream --image IMG --audio AUDIO --out OUT "
                                      + " ".join(extra),
                           "sync": scored["sync"], "drift_max": scored["drift"]["max"],
                           "drift_face_per_minute": scored["drift"].get("face_per_minute"), "steady_fps": summary.get("steady_fps")}
             self.log(f"[ablation] {name}: {rows[name]}")
-        from liveavatar_jax.eval import evaluate
-
         truth = evaluate(gt, gt.with_suffix(".wav"), gt.with_suffix(".png"))
         rows["ground truth render"] = {"sync": truth["sync"], "drift_max": truth["drift"]["max"]}
         (out / "table.json").write_text(json.dumps(rows, indent=1))
