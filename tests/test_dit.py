@@ -131,8 +131,11 @@ def test_text_padding_folds_into_one_key(fixture_cfg):
         assert rel < 1e-5, (n, rel)
 
 
-def test_filling_ring_reads_only_its_filled_prefix(tiny_model, fixture_dir):
-    """Slots past the filled prefix are never read: NaNs there leave the output finite and unchanged."""
+@pytest.mark.parametrize("first_frame, unread", [(3, slice(6 * 32, None)), (12, slice(3 * 32, 6 * 32))],
+                         ids=["filling", "full"])
+def test_ring_reads_only_earlier_blocks(tiny_model, fixture_dir, first_frame, unread):
+    """A filling ring's slots past its filled prefix, and a full ring's slot the block is about to overwrite, are
+    never read: NaNs there leave the output finite and unchanged."""
     model = tiny_model
     inp = load_file(str(fixture_dir / "inputs.safetensors"))
     text = model.embed_text(jnp.asarray(inp["context"])[None])
@@ -142,9 +145,11 @@ def test_filling_ring_reads_only_its_filled_prefix(tiny_model, fixture_dir):
     k = rng.normal(size=(2, 1, capacity, 2, 32)).astype(np.float32)
     v = rng.normal(size=(2, 1, capacity, 2, 32)).astype(np.float32)
     k_nan, v_nan = k.copy(), v.copy()
-    k_nan[:, :, 6 * 32:], v_nan[:, :, 6 * 32:] = np.nan, np.nan     # block 1 writes frames 3-5; 6-8 are unfilled
+    # frame 3: block 1 writes frames 3-5, 6-8 are unfilled; frame 12: block 4 overwrites slot 1 (frames 3-5)
+    k_nan[:, :, unread], v_nan[:, :, unread] = np.nan, np.nan
     fwd = jax.jit(lambda ring: model.block_forward(jnp.asarray(inp["block0.x"])[None], jnp.asarray([1000.0]), text,
-                                                   jnp.asarray(inp["block0.audio_input"]), ring, sink, 3, 10)[0])
+                                                   jnp.asarray(inp["block0.audio_input"]), ring, sink, first_frame,
+                                                   10)[0])
     clean = fwd(RingCache(k=jnp.asarray(k), v=jnp.asarray(v)))
     dirty = fwd(RingCache(k=jnp.asarray(k_nan), v=jnp.asarray(v_nan)))
     np.testing.assert_array_equal(np.asarray(dirty), np.asarray(clean))

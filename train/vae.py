@@ -4,7 +4,8 @@ python -m train.vae --config configs/tinyworld_vae.py --workdir DIR --config.dat
 
 With --roundtrip CLIPS2, nothing is trained: DIR's exported VAE encodes and decodes every clip of CLIPS2, writes the
 reconstructions to DIR/roundtrip/ (mp4 with the clip's audio) and prints one JSON line per clip (its PSNR over all
-frames, frames 0-8 and frames 100 on: a stream that decays shows it) and the mean.
+frames, frames 0-8 and frames 100 on: a stream that decays shows it; for tiny-world clips, with their .wav and .png
+beside them, also `liveavatar_jax.eval`'s sync and maximum drift of the reconstruction) and the means.
 """
 
 import json
@@ -37,7 +38,8 @@ def main(argv):
     rows = [vae_trainer.roundtrip_clip(vae, clip, workdir / "roundtrip" / clip.name) for clip in clips]
     for row in rows:
         print(json.dumps(row))
-    keys = ("psnr", "psnr_frames_0_8", "psnr_frames_100_end")
+    keys = [k for k in ("psnr", "psnr_frames_0_8", "psnr_frames_100_end", "sync", "drift_max")
+            if all(r.get(k) is not None for r in rows)]
     print(json.dumps({"clips": len(rows), **{f"{k}_mean": sum(r[k] for r in rows) / len(rows) for k in keys}}))
 
 

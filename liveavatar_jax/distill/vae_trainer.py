@@ -419,10 +419,15 @@ def roundtrip_clip(vae, clip_path, out_path=None) -> dict:
         from liveavatar_jax.tinyworld.clips import write_mp4
 
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        wav = Path(clip_path).with_suffix(".wav")
+        wav, face = Path(clip_path).with_suffix(".wav"), Path(clip_path).with_suffix(".png")
         audio = None
         if wav.is_file():
             from liveavatar_jax.io.audio import load_audio
             audio = load_audio(wav)
         out["video"] = str(write_mp4(out_path, recon, audio))
+        if wav.is_file() and face.is_file():
+            # a tiny-world clip: does the round trip keep the mouth (sync) and the colours (drift)?
+            from liveavatar_jax.eval import evaluate
+            scores = evaluate(out_path, wav, face)
+            out.update(sync=scores["sync"], drift_max=scores["drift"]["max"])
     return out

@@ -93,12 +93,14 @@ class Recipe:
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
         self.log(f"[{stage}] {shown}")
 
-    def _train(self, stage: str, module: str, config: str, workdir: Path, export: str, extra: list[str]):
+    def _train(self, stage: str, module: str, config: str, workdir: Path, export: str, extra: list[str],
+               data: Path | None = None):
+        """Runs one training command on `data` (default: the preprocessed dataset) unless its export exists."""
         if (workdir / export).is_file():
             self.log(f"[{stage}] {workdir / export} exists: skipped")
             return
         seconds = self._command(stage, [module, f"--config={REPO / 'configs' / config}", f"--workdir={workdir}",
-                                        f"--config.data.path={self.data_dir}", *extra])
+                                        f"--config.data.path={data or self.data_dir}", *extra])
         last = _last_metrics(workdir)
         self._record(stage, seconds=round(seconds, 1), **{k: v for k, v in last.items()
                                                           if isinstance(v, (int, float))})
@@ -125,14 +127,8 @@ class Recipe:
         self._record("clips", seconds=round(seconds, 1), clips=self.clips, clip_seconds=self.seconds)
 
     def stage_vae(self):
-        workdir = self.run / "vae"
-        if (workdir / "vae.safetensors").is_file():
-            return
-        seconds = self._command("vae", ["train.vae", f"--config={REPO / 'configs' / 'tinyworld_vae.py'}",
-                                        f"--workdir={workdir}", f"--config.data.path={self.clips_dir}"])
-        last = _last_metrics(workdir)
-        self._record("vae", seconds=round(seconds, 1), **{k: v for k, v in last.items()
-                                                          if isinstance(v, (int, float))})
+        self._train("vae", "train.vae", "tinyworld_vae.py", self.run / "vae", "vae.safetensors", [],
+                    data=self.clips_dir)
 
     def stage_data(self):
         from configs import tinyworld_teacher
