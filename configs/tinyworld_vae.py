@@ -16,6 +16,7 @@ from liveavatar_jax.distill import config as defaults
 def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.init_from = ""        # an exported vae.safetensors to start from (a second phase), else random weights
     c.total_steps = 600
     c.checkpoint_every = 100
     c.keep_checkpoints = 2

@@ -103,6 +103,19 @@ def test_export_loads_to_the_same_decoder(trainer, straight_run):
     assert abs(float(latents.mean())) < 0.5 and 0.4 < float(latents.std()) < 2.5
 
 
+def test_init_from_starts_at_an_exported_vae(trainer, straight_run, tmp_path):
+    """A second phase (`init_from`) starts from the exported weights, not from random ones."""
+    workdir, state = straight_run
+    c = small_config(trainer.config.data.path)
+    c.init_from = str(workdir / "vae.safetensors")
+    start = VAETrainer(c, tmp_path).initial_state()
+    for a, b in zip(start.params, state.ema):           # the export holds the EMA weights, in float32 here
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    c.init_from = str(tmp_path / "missing.safetensors")
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        VAETrainer(c, tmp_path).initial_state()
+
+
 def test_roundtrip_scores_tiny_world_clips(trainer, straight_run, tmp_path):
     """`train.vae --roundtrip`: the reconstruction is written with the clip's frame count, and a tiny-world clip (its
     .wav and .png beside it) is scored by the eval metrics; a bare clip only by PSNR."""

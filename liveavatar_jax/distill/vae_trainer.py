@@ -284,14 +284,24 @@ class VAETrainer:
         self.checkpointer = None
 
     def initial_state(self) -> VAETrainState:
-        """The state before step 1: PyTorch-default-like random weights drawn from `seed`."""
+        """The state before step 1: the weights of `init_from` (an exported vae.safetensors, for a second phase with
+        other data settings, e.g. streams after windows; fresh optimizer moments), else PyTorch-default-like
+        random weights drawn from `seed`."""
         seed = int(self.config.seed)
-        model = random_vae(self.model_cfg, seed=seed, dtype=jnp.float32)
-        # A zero log_var bias starts the posterior at sigma ~ 1, drowning mu (~0.1 at init) in noise: the decoder
-        # learns nothing from the latents until Adam has walked the bias down by ~lr per step. Starting it at
-        # `init_log_var` trains a near-deterministic autoencoder from step 1; the KL term can still widen it.
-        bias = model.conv1.bias[...]
-        model.conv1.bias[...] = bias.at[self.model_cfg.z_dim:].set(float(self.config.loss.init_log_var))
+        init_from = str(self.config.get("init_from", "") or "")
+        if init_from:
+            from liveavatar_jax.weights.vae_keys import load_vae
+
+            if not Path(init_from).is_file():
+                raise FileNotFoundError(f"init_from={init_from}: no such VAE file (an exported vae.safetensors)")
+            model = load_vae(init_from, self.model_cfg, dtype=jnp.float32)
+        else:
+            model = random_vae(self.model_cfg, seed=seed, dtype=jnp.float32)
+            # A zero log_var bias starts the posterior at sigma ~ 1, drowning mu (~0.1 at init) in noise: the decoder
+            # learns nothing from the latents until Adam has walked the bias down by ~lr per step. Starting it at
+            # `init_log_var` trains a near-deterministic autoencoder from step 1; the KL term can still widen it.
+            bias = model.conv1.bias[...]
+            model.conv1.bias[...] = bias.at[self.model_cfg.z_dim:].set(float(self.config.loss.init_log_var))
         params = jax.tree.leaves(nnx.state(model))
         return VAETrainState(step=jnp.zeros((), jnp.int32), params=params, opt=self.tx.init(params),
                              ema=jax.tree.map(jnp.copy, params),
