@@ -5,7 +5,8 @@ Stages (each one a subprocess running the command a user would type; its output 
 stage whose outputs exist is skipped, so a killed recipe resumes where it stopped):
 
   clips      python -m liveavatar_jax.tinyworld clips        procedural clips (faces, speech, the mouth law)
-  vae        python -m train.vae                             configs/tinyworld_vae.py
+  vae        python -m train.vae (two phases)                configs/tinyworld_vae.py (windows), then
+                                                             configs/tinyworld_vae_streams.py (streams)
   data       python -m train.preprocess --tiny_vae           latents, spectral audio features, prompt embedding
   teacher    python -m train.pretrain                        configs/tinyworld_teacher.py (bidirectional)
   student    python -m train.pretrain                        configs/tinyworld_student.py (Stage 1, from the teacher)
@@ -127,8 +128,14 @@ class Recipe:
         self._record("clips", seconds=round(seconds, 1), clips=self.clips, clip_seconds=self.seconds)
 
     def stage_vae(self):
-        self._train("vae", "train.vae", "tinyworld_vae.py", self.run / "vae", "vae.safetensors", [],
+        """Two phases (docs/tinyworld.md, VAE): 9-frame windows from random weights, then long streams with carried
+        caches from the windows' export; the second removes the late-frame decay, and with it the mouth survives
+        whole clips."""
+        windows = self.run / "vae_windows"
+        self._train("vae_windows", "train.vae", "tinyworld_vae.py", windows, "vae.safetensors", [],
                     data=self.clips_dir)
+        self._train("vae", "train.vae", "tinyworld_vae_streams.py", self.run / "vae", "vae.safetensors",
+                    [f"--config.init_from={windows / 'vae.safetensors'}"], data=self.clips_dir)
 
     def stage_data(self):
         from configs import tinyworld_teacher
