@@ -18,11 +18,15 @@ from liveavatar_jax.models import dit_sequence
 from liveavatar_jax.sampling.flow_match import euler_step, flow_match_schedule
 
 
-def sample_teacher_frames(pipe, teacher, prepared, *, frames: int, steps: int = 20, shift: float = 3.0,
-                          guidance: float = 3.0, seed: int = 0):
-    """uint8 frames [4 * frames * windows, H, W, 3] of the teacher DiT `teacher` on `prepared` (`Pipeline.prepare`),
-    decoded by the pipeline's VAE; the caller trims them to the audio's length."""
+def sample_teacher_frames(pipe, teacher, prepared, prompt: str, *, frames: int, steps: int = 20,
+                          shift: float = 3.0, guidance: float = 3.0, seed: int = 0):
+    """uint8 frames [4 * frames * windows, H, W, 3] of the teacher DiT `teacher` on `prepared` (`Pipeline.prepare`
+    with `prompt`), decoded by the pipeline's VAE; the caller trims them to the audio's length."""
     ctx = prepared.ctx
+    # The prompt through the teacher's own text embedding: `ctx.text` went through the pipeline's DiT (the student),
+    # whose embedding layers full-weight training has made different (relative difference ~1 in the tiny world).
+    context = jnp.asarray(pipe.models.text.encode(prompt), teacher.cfg.jnp_dtype)[None]
+    text_emb = jax.jit(teacher.embed_text)(context)
     fpb = pipe.stream_cfg.frames_per_block
     if frames % fpb:
         raise ValueError(f"frames {frames} is not a whole number of {fpb}-frame blocks")
@@ -39,7 +43,7 @@ def sample_teacher_frames(pipe, teacher, prepared, *, frames: int, steps: int = 
     def sample_window(params, audio_w, key):
         model = nnx.merge(graphdef, params)
         both_audio = jnp.concatenate([audio_w, jnp.zeros_like(audio_w)])
-        text = jnp.concatenate([ctx.text] * 2)
+        text = jnp.concatenate([text_emb] * 2)
         ref = jnp.concatenate([ctx.ref_latents] * 2)
         motion = jnp.concatenate([ctx.motion_latents] * 2)
         x = jax.random.normal(key, (1, 16, frames, h, w), jnp.float32)

@@ -235,8 +235,8 @@ class Recipe:
             if not video.is_file():
                 plan, image = plan_stream(config, gt.with_suffix(".png"), gt.with_suffix(".wav"))
                 prepared = pipe.prepare(image, gt.with_suffix(".wav"), PROMPT, plan=plan)
-                frames = sample_teacher_frames(pipe, teacher, prepared, frames=tinyworld_teacher.FRAMES, steps=steps,
-                                               shift=pipe.stream_cfg.shift, guidance=guidance, seed=seed)
+                frames = sample_teacher_frames(pipe, teacher, prepared, PROMPT, frames=tinyworld_teacher.FRAMES,
+                                               steps=steps, shift=pipe.stream_cfg.shift, guidance=guidance, seed=seed)
                 frames = frames[plan.drop_first_frames: plan.drop_first_frames + plan.video_frames]
                 write_mp4(video, frames, load_audio(gt.with_suffix(".wav")))
             scored = evaluate(video, gt.with_suffix(".wav"), gt.with_suffix(".png"))
