@@ -74,3 +74,38 @@ def test_trained_weights_folder_is_loaded_and_a_missing_file_is_named(tmp_path):
     for a, b in zip(leaves(loaded), leaves(other)):
         np.testing.assert_array_equal(a, b)
     assert any(not np.array_equal(a, b) for a, b in zip(leaves(loaded), leaves(seeded)))
+
+
+def test_teacher_sampling_embeds_the_prompt_with_the_teacher(pipe, tmp_path):
+    """`sample_teacher_frames` gives the teacher the prompt through the teacher's own text embedding: changing the
+    pipeline's DiT (the student, which embeds the stream context's text) leaves the teacher's frames unchanged."""
+    import jax
+    from flax import nnx
+
+    from liveavatar_jax.pipeline import plan_stream
+    from liveavatar_jax.sampling.teacher import sample_teacher_frames
+    from liveavatar_jax.weights.random_init import randomize
+
+    speech, sr = soundfile.read(str(REPO / "tests" / "data" / "speech_16k_mono.wav"), dtype="float32")
+    wav = tmp_path / "speech.wav"
+    soundfile.write(str(wav), speech[: sr], sr)                     # 1 s: one 6-frame window
+    image = REPO / "tests" / "data" / "face.png"
+    plan, img = plan_stream(pipe.config, image, wav)
+    from liveavatar_jax.models.dit import CausalS2VDiT
+
+    teacher = randomize(nnx.eval_shape(lambda: CausalS2VDiT(pipe.models.dit.cfg, rngs=nnx.Rngs(0))), 11)
+
+    def frames():
+        prepared = pipe.prepare(img, wav, "a person talks", plan=plan)
+        return sample_teacher_frames(pipe, teacher, prepared, "a person talks", frames=6, steps=2, seed=0)
+
+    before = frames()
+    embedding = pipe.models.dit.text_in.kernel
+    saved = embedding[...]
+    embedding[...] = saved * 3.0                                   # the student's text embedding changes
+    try:
+        pipe._embed_text = jax.jit(pipe.models.dit.embed_text)
+        np.testing.assert_array_equal(frames(), before)
+    finally:
+        embedding[...] = saved
+        pipe._embed_text = jax.jit(pipe.models.dit.embed_text)
