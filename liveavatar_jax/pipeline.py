@@ -300,10 +300,13 @@ class Pipeline:
     def stream_context(self, prompt: str, ref_latents, motion_latents, engine=None) -> StreamContext:
         """The stream's fixed inputs: the embedded prompt and its per-layer text keys/values (once per prompt, on
         `engine`, the pipeline's own by default), the reference and motion latents."""
-        context = self.models.text.encode(prompt)
-        text = self._embed_text(jnp.asarray(context, self.models.dit.cfg.jnp_dtype)[None])
-        ctx = StreamContext(text=text, ref_latents=ref_latents, motion_latents=motion_latents)
-        return (engine or self.engine).with_text_kv(ctx, text_tokens=int(context.shape[0]))
+        context = self.prompt_context(prompt)
+        ctx = StreamContext(text=self._embed_text(context), ref_latents=ref_latents, motion_latents=motion_latents)
+        return (engine or self.engine).with_text_kv(ctx, text_tokens=int(context.shape[1]))
+
+    def prompt_context(self, prompt: str):
+        """The prompt encoder's output [1, tokens, text_dim], before any DiT's text embedding."""
+        return jnp.asarray(self.models.text.encode(prompt), self.models.dit.cfg.jnp_dtype)[None]
 
     def prepare(self, image, audio, prompt: str, *, plan: Plan) -> Prepared:
         pixels = image_io.preprocess_reference(image, plan.height, plan.width)

@@ -25,8 +25,7 @@ def sample_teacher_frames(pipe, teacher, prepared, prompt: str, *, frames: int, 
     ctx = prepared.ctx
     # The prompt through the teacher's own text embedding: `ctx.text` went through the pipeline's DiT (the student),
     # whose embedding layers full-weight training has made different (relative difference ~1 in the tiny world).
-    context = jnp.asarray(pipe.models.text.encode(prompt), teacher.cfg.jnp_dtype)[None]
-    text_emb = jax.jit(teacher.embed_text)(context)
+    text_emb = jax.jit(teacher.embed_text)(pipe.prompt_context(prompt))
     fpb = pipe.stream_cfg.frames_per_block
     if frames % fpb:
         raise ValueError(f"frames {frames} is not a whole number of {fpb}-frame blocks")
