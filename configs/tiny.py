@@ -1,8 +1,9 @@
 """The embedded default: every network of LiveAvatar at toy width, small enough to stream on a laptop CPU.
 
 `python -m infer.stream --image IMG --audio AUDIO --prompt TEXT --out OUT.mp4` uses this when no --ckpt_dir is
-given. Its weights are initialised from `weights_seed` (random: the pipeline runs end to end, but the video shows
-no face until trained tiny-world weights are available).
+given, with the tiny world's trained DiT and VAE (`trained_weights`, 3 MB, made by `python -m liveavatar_jax.tinyworld
+recipe`): on a tiny-world face (`python -m liveavatar_jax.tinyworld face --seed N --out FACE.png`) the mouth follows
+the speech. `--config.trained_weights=` (empty) streams random weights from `weights_seed` instead.
 """
 
 import ml_collections
@@ -18,7 +19,7 @@ def get_config():
     c.attention = "xla"
     c.weights_seed = 0
     # the tiny world's trained DiT and VAE (relative to the liveavatar_jax package); "" = random from weights_seed
-    c.trained_weights = ""
+    c.trained_weights = "assets/tinyworld"
 
     c.model = dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_dim=16, out_dim=16, text_dim=32, text_len=32,
                    freq_dim=256, eps=1e-6, patch_size=(1, 2, 2), cond_dim=16, audio_dim=32, audio_layers=1,
@@ -31,6 +32,13 @@ def get_config():
     c.audio = dict(kind="spectral", bands=32, window=1280, hop=320, fmin=80.0, fmax=5000.0)
     c.text = dict(vocab=384, dim=32, dim_attn=32, dim_ffn=64, num_heads=4, num_layers=2, num_buckets=32,
                   max_dist=128, text_len=32)
-    c.stream = dict(steps=4, shift=3.0, frames_per_block=3, ring_blocks=4, sink_replace_block=4,
-                    rolling_sink=True, relative_dist=(4, 30), prime_latents=7, drop_first_frames=3)
+    # drop_first_frames: the official stream hides 3 generated frames (architecture.md quirk 5), so displayed frame i
+    # was generated for audio frame i + 3. The tiny world's training clips pair latent frame j with the audio of its
+    # own video frames, so its streams keep every frame and the mouth lands on the audio (docs/tinyworld.md).
+    # sink_replace_block=None: no sink content recalibration (AAS). The tiny VAE's running latents and an image's
+    # first-frame latent are different distributions (std 1.3 vs 0.6, other channel means), so the first generated
+    # latent as the sink is unlike any reference the DiT was trained on, and the mouth stops following the audio
+    # (streamed sync 0.15 with it, 0.41 without: docs/tinyworld.md). The rolling RoPE half of RSFM stays on.
+    c.stream = dict(steps=4, shift=3.0, frames_per_block=3, ring_blocks=4, sink_replace_block=None,
+                    rolling_sink=True, relative_dist=(4, 30), prime_latents=7, drop_first_frames=0)
     return c

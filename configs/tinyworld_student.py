@@ -13,6 +13,7 @@ def get_config():
     c = tinyworld_teacher.get_config()
     c.pretrain.causal = True            # block-causal attention, an independent noise level per 3-frame block
     c.total_steps = 400
+    c.checkpoint_every = 200
     c.optimizer.lr = 3e-4
     c.ema.start_step = 50
     return c

@@ -17,6 +17,7 @@ from liveavatar_jax.io.video import probe
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+SYNC_SEED = 900_050             # tinyworld/recipe.py EVAL_SEED + 50: a clip no training stage saw
 
 
 def run_stream(*args, **kw):
@@ -37,7 +38,7 @@ def single_run(tmp_path_factory):
 def test_stream_writes_a_complete_mp4(single_run):
     tmp, r = single_run
     out = tmp / "demo.mp4"
-    assert "RANDOM weights" in r.stderr
+    assert "RANDOM weights" not in r.stderr          # the embedded default carries the tiny world's trained weights
     info = probe(out)
     audio_s = soundfile.info(str(DATA / "speech_16k_mono.wav")).duration
     assert info["fps"] == 25.0
@@ -46,9 +47,25 @@ def test_stream_writes_a_complete_mp4(single_run):
     assert not (tmp / "demo.partial.ts").exists() and not (tmp / ".demo.mp4.tmp.mp4").exists()
     from safetensors.numpy import load_file
     lat = load_file(str(tmp / "lat.safetensors"))["latents"]
-    assert lat.shape[0] == int(np.ceil((info["video_frames"] + 3) / 12)) and lat.shape[1:3] == (16, 3)
+    assert lat.shape[0] == int(np.ceil(info["video_frames"] / 12)) and lat.shape[1:3] == (16, 3)
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["blocks"] == lat.shape[0] and summary["frames"] == info["video_frames"]
+
+
+def test_embedded_default_moves_the_mouth_with_unseen_speech(tmp_path):
+    """The committed tiny-world weights, streamed by the main command on a face, voice and sentences no training
+    clip had: the mouth follows the speech (a guard against a broken checkpoint or loader; the headline figures are
+    in docs/tinyworld.md). Random or mis-loaded weights score ~0.1."""
+    from liveavatar_jax.eval import evaluate
+    from liveavatar_jax.tinyworld.clips import make_clip, write_clip
+
+    truth = write_clip(make_clip(SYNC_SEED, seconds=8.0), tmp_path / "truth.mp4")
+    out = tmp_path / "default.mp4"
+    r = run_stream("--image", truth.with_suffix(".png"), "--audio", truth.with_suffix(".wav"), "--out", out,
+                   timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    scored = evaluate(out, truth.with_suffix(".wav"), truth.with_suffix(".png"))
+    assert scored["sync"] > 0.3, scored
 
 
 def test_tpp_on_five_simulated_devices_writes_the_same_latents(single_run, tmp_path):
@@ -61,7 +78,9 @@ def test_tpp_on_five_simulated_devices_writes_the_same_latents(single_run, tmp_p
     single = load_file(str(tmp / "lat.safetensors"))["latents"]
     tpp = load_file(str(tmp_path / "lat.safetensors"))["latents"]
     assert tpp.shape == single.shape
-    assert np.linalg.norm(tpp - single) / np.linalg.norm(single) <= 1e-5
+    # float32 sums in another order on the sharded programs, carried through ~15 autoregressive blocks (1.1e-5 with
+    # the trained weights); a wrong cache, step or timestep differs at order 1
+    assert np.linalg.norm(tpp - single) / np.linalg.norm(single) <= 1e-4
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["devices"] == 5 and summary["per_tick"]["blocks_per_tick_after_fill"] == 1.0
 
@@ -84,7 +103,7 @@ def test_sigkill_leaves_every_finished_block_playable(tmp_path):
                     seen = probe(partial)["video_frames"]
                 except Exception:   # the header may still be on its way
                     seen = 0
-                if seen >= 9 + 12 * 3:
+                if seen >= 12 * 4:
                     break
             time.sleep(0.05)
         assert proc.poll() is None, "the stream ended before it could be killed"
@@ -95,8 +114,8 @@ def test_sigkill_leaves_every_finished_block_playable(tmp_path):
             proc.kill()
     assert not out.exists()
     info = probe(partial)
-    assert info["video_frames"] >= seen >= 9 + 12 * 3
-    assert (info["video_frames"] - 9) % 12 == 0                   # whole blocks only
+    assert info["video_frames"] >= seen >= 12 * 4
+    assert info["video_frames"] % 12 == 0                         # whole blocks only (the tiny world drops none)
     import av
     with av.open(str(partial)) as c:
         decoded = sum(1 for _ in c.decode(video=0))

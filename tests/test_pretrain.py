@@ -184,3 +184,27 @@ def test_non_finite_loss_stops_the_run_naming_step_and_batch(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(.*\) at step 1; .*Batch examples: random0000"):
         trainer.fit()
     assert not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_cosine_learning_rate_falls_to_its_final_fraction_and_stays():
+    """`final_lr_fraction` < 1: AdamW's rate follows a cosine from lr to the fraction over `decay_steps`."""
+    import math
+
+    from liveavatar_jax.distill import config as defaults
+    from liveavatar_jax.distill import train_state as ts
+
+    c = defaults.optimizer(1e-2, b1=0.0, clip_norm=1e9)
+    c.final_lr_fraction, c.decay_steps = 0.1, 4
+    tx = ts.make_optimizer(c)
+    params = {"w": jnp.ones(3)}
+    opt = tx.init(params)
+    rates = []
+    for _ in range(6):      # Adam without momentum on a constant gradient moves each weight by the rate itself
+        updates, opt = tx.update({"w": jnp.ones(3)}, opt, params)
+        rates.append(-float(updates["w"][0]))
+    expected = [1e-2 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(k, 4) / 4))) for k in range(6)]
+    np.testing.assert_allclose(rates, expected, rtol=1e-4)
+    c.decay_steps = 0
+    with pytest.raises(ValueError, match="decay_steps"):
+        ts.make_optimizer(c)
+    assert ts.make_optimizer(c, total_steps=4) is not None

@@ -440,7 +440,7 @@ def test_the_page_and_its_assets_are_served_with_a_strict_policy(server):
     assert 'id="start"' in html and "/static/app.js" in html
     config = get_json(server.url + "/api/config")
     assert config["ready"] and config["samples"] == ["face"] and (config["height"], config["width"]) == (64, 64)
-    assert config["random_weights"] is True
+    assert config["random_weights"] is False        # the tiny world's committed weights
 
 
 def test_bad_command_line_exits_2_before_building_anything(tmp_path):

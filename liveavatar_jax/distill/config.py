@@ -44,7 +44,9 @@ def spec_for(model: ml_collections.ConfigDict, frames: int, height: int, width: 
 def optimizer(lr: float, b1: float, b2: float = 0.999, weight_decay: float = 0.0, clip_norm: float = 10.0,
               accumulate: int = 1) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(lr=lr, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay,
-                                          clip_norm=clip_norm, accumulate=accumulate, mu_dtype=""))
+                                          clip_norm=clip_norm, accumulate=accumulate, mu_dtype="",
+                                          # < 1: a cosine from lr to this fraction of it over decay_steps (0: the run)
+                                          final_lr_fraction=1.0, decay_steps=0))
 
 
 def common(stage: str, model: ml_collections.ConfigDict, frames: int, height: int, width: int):

@@ -26,12 +26,23 @@ DATA_AXES = ("data", "fsdp")
 
 # ----------------------------------------------------------------------------------------------------- optimizers
 
-def make_optimizer(cfg: Mapping) -> optax.GradientTransformation:
-    """clip_by_global_norm -> AdamW (constant learning rate), optionally accumulated over `accumulate` micro-steps."""
+def make_optimizer(cfg: Mapping, total_steps: int | None = None) -> optax.GradientTransformation:
+    """clip_by_global_norm -> AdamW, optionally accumulated over `accumulate` micro-steps.
+
+    The learning rate is constant unless `final_lr_fraction` < 1: then a cosine takes it from `lr` to
+    `final_lr_fraction * lr` over `decay_steps` optimizer steps (0 or absent: `total_steps`) and holds it there.
+    """
     mu_dtype = cfg.get("mu_dtype") or None
+    lr = float(cfg["lr"])
+    final = float(cfg.get("final_lr_fraction", 1.0))
+    if final != 1.0:
+        horizon = int(cfg.get("decay_steps", 0)) or int(total_steps or 0)
+        if horizon <= 0:
+            raise ValueError("optimizer.final_lr_fraction < 1 needs optimizer.decay_steps or the run's total_steps")
+        lr = optax.cosine_decay_schedule(lr, horizon, alpha=final)
     tx = optax.chain(
         optax.clip_by_global_norm(float(cfg["clip_norm"])),
-        optax.adamw(float(cfg["lr"]), b1=float(cfg["b1"]), b2=float(cfg["b2"]), eps=float(cfg["eps"]),
+        optax.adamw(lr, b1=float(cfg["b1"]), b2=float(cfg["b2"]), eps=float(cfg["eps"]),
                     weight_decay=float(cfg["weight_decay"]), mu_dtype=jnp.dtype(mu_dtype) if mu_dtype else None),
     )
     accumulate = int(cfg.get("accumulate", 1))

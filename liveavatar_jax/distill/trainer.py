@@ -342,7 +342,7 @@ class PretrainTrainer(_Trainer):
         if self.pcfg.causal and self.spec.frames % self.pcfg.frames_per_block:
             raise ValueError(f"data.spec.frames {self.spec.frames} is not a whole number of "
                              f"{self.pcfg.frames_per_block}-frame blocks")
-        self.tx = ts.make_optimizer(c.optimizer)
+        self.tx = ts.make_optimizer(c.optimizer, c.total_steps)
         lora = self.init_trainable(int(c.seed))
         state = jax.jit(partial(ts.init_pretrain_state, tx=self.tx, seed=int(c.seed)))(lora)
         self.state_shardings = ts.tree_shardings(state, self.mesh)
@@ -417,8 +417,8 @@ class DistillTrainer(_Trainer):
             raise ValueError(f"data.spec.frames {self.spec.frames} differs from the rollout length "
                              f"{self.rcfg.num_blocks} x {self.rcfg.frames_per_block} = {self.rcfg.num_frames}")
         self.generator_every = int(d.generator_every)
-        self.tx_gen = ts.make_optimizer(d.generator_optimizer)
-        self.tx_critic = ts.make_optimizer(d.critic_optimizer)
+        self.tx_gen = ts.make_optimizer(d.generator_optimizer, max(1, c.total_steps // d.generator_every))
+        self.tx_critic = ts.make_optimizer(d.critic_optimizer, c.total_steps)
         lora_cfg = LoRAConfig.from_dict(c.lora)
         if d.init_student:
             gen = load_student_init(d.init_student, d.init_student_item, self.networks, self.lora_shardings, lora_cfg)

@@ -274,7 +274,7 @@ class VAETrainer:
         caches = jax.eval_shape(lambda: init_caches(abstract, b, int(c.data.height), int(c.data.width)))
         self.cache_treedef = jax.tree.structure(caches)
         self.cache_shapes = jax.tree.leaves(caches)
-        self.tx = self.make_optimizer()
+        self.tx = ts.make_optimizer(self.config.optimizer, self.config.total_steps)
         weights = jnp.asarray(pixel_weights(int(c.data.height), int(c.data.width), float(c.loss.mouth_weight),
                                             tuple(c.loss.mouth_box)))
         step = partial(train_step, self.graphdef, self.treedef, self.cache_treedef, self.tx, weights,
@@ -306,17 +306,6 @@ class VAETrainer:
         return VAETrainState(step=jnp.zeros((), jnp.int32), params=params, opt=self.tx.init(params),
                              ema=jax.tree.map(jnp.copy, params),
                              streams=[jnp.zeros(a.shape, a.dtype) for a in self.cache_shapes], rng=ts.root_key(seed))
-
-    def make_optimizer(self) -> optax.GradientTransformation:
-        """`ts.make_optimizer` with its learning rate scaled by a cosine from 1 to `optimizer.final_lr_fraction`
-        over `optimizer.decay_steps` steps (0: the config's total_steps when the trainer is built)."""
-        c = self.config.optimizer
-        tx = ts.make_optimizer(c)
-        final = float(c.get("final_lr_fraction", 1.0))
-        if final == 1.0:
-            return tx
-        horizon = int(c.get("decay_steps", 0)) or int(self.config.total_steps)
-        return optax.chain(tx, optax.scale_by_schedule(optax.cosine_decay_schedule(1.0, horizon, alpha=final)))
 
     # -- checkpoints
     def resume(self, state: VAETrainState):

@@ -131,6 +131,9 @@ class Recipe:
         """Two phases (docs/tinyworld.md, VAE): 9-frame windows from random weights, then long streams with carried
         caches from the windows' export; the second removes the late-frame decay, and with it the mouth survives
         whole clips."""
+        if (self.run / "vae" / "vae.safetensors").is_file():
+            self.log(f"[vae] {self.run / 'vae' / 'vae.safetensors'} exists: skipped")   # phase 1 is not needed again
+            return
         windows = self.run / "vae_windows"
         self._train("vae_windows", "train.vae", "tinyworld_vae.py", windows, "vae.safetensors", [],
                     data=self.clips_dir)
@@ -249,7 +252,9 @@ class Recipe:
 
     # name -> infer.stream arguments of one row of the ablation table (docs/tinyworld.md)
     ABLATIONS = {
-        "4 steps, RSFM on (default)": [],
+        "4 steps, RSFM on (default: rolling RoPE, no AAS)": [],
+        "4 steps, RSFM with AAS (the sink replaced before block 4, as the official)": [
+            "--config.stream.sink_replace_block=4"],
         "4 steps, RSFM off": ["--config.stream.rolling_sink=False", "--config.stream.sink_replace_block=None"],
         "3 steps": ["--steps", "3"],
         "2 steps": ["--steps", "2"],
@@ -293,9 +298,17 @@ class Recipe:
         return rows
 
     def install(self):
+        """Copies the DiT and VAE into the package's assets with the manifest, whose figures are brought up to date
+        (the evaluations run after the weights stage wrote it)."""
+        from liveavatar_jax.pipeline import TRAINED_DIT, TRAINED_VAE
+
         ASSETS.mkdir(parents=True, exist_ok=True)
-        for name in ("dit.safetensors", "vae.safetensors", "manifest.json"):
+        for name in (TRAINED_DIT, TRAINED_VAE):
             shutil.copyfile(self.weights_dir / name, ASSETS / name)
+        manifest = json.loads((self.weights_dir / "manifest.json").read_text())
+        manifest["files"] = {k: v for k, v in manifest["files"].items() if k in (TRAINED_DIT, TRAINED_VAE)}
+        manifest["stages"] = self.figures
+        (ASSETS / "manifest.json").write_text(json.dumps(manifest, indent=1))
         self.log(f"[install] {ASSETS}")
 
     STAGES = ("clips", "vae", "data", "teacher", "student", "distill", "weights", "eval", "teacher_eval", "ablation")
