@@ -37,8 +37,9 @@ def get_config():
     # own video frames, so its streams keep every frame and the mouth lands on the audio (docs/tinyworld.md).
     # sink_replace_block=None: no sink content recalibration (AAS). The tiny VAE's running latents and an image's
     # first-frame latent are different distributions (std 1.3 vs 0.6, other channel means), so the first generated
-    # latent as the sink is unlike any reference the DiT was trained on, and the mouth stops following the audio
-    # (streamed sync 0.15 with it, 0.41 without: docs/tinyworld.md). The rolling RoPE half of RSFM stays on.
+    # latent as the sink is unlike any reference the DiT was trained on, and the mouth follows the audio less
+    # (unseen-speech sync of the committed student 0.51 with it, 0.64 without; Stage 1's 0.15 and 0.41:
+    # docs/tinyworld.md). The rolling RoPE half of RSFM stays on.
     c.stream = dict(steps=4, shift=3.0, frames_per_block=3, ring_blocks=4, sink_replace_block=None,
                     rolling_sink=True, relative_dist=(4, 30), prime_latents=7, drop_first_frames=0)
     return c
