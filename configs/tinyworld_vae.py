@@ -40,7 +40,6 @@ def get_config():
     # `frames`: the windows the latent statistics are measured on at export.
     c.data = dict(path="", frames=9, height=64, width=64, batch_size=2, max_clips=0, stream_chunks=2,
                   chunks_per_step=2)
-    # final_lr_fraction < 1: cosine decay of the learning rate over decay_steps (0: total_steps)
     c.optimizer = defaults.optimizer(3e-3, b1=0.9, b2=0.99, weight_decay=1e-4, clip_norm=1.0)
     c.optimizer.final_lr_fraction = 0.05
     c.optimizer.decay_steps = 5000

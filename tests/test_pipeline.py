@@ -86,6 +86,7 @@ def test_teacher_sampling_embeds_the_prompt_with_the_teacher(pipe, tmp_path):
     import jax
     from flax import nnx
 
+    from liveavatar_jax.models.dit import CausalS2VDiT
     from liveavatar_jax.pipeline import plan_stream
     from liveavatar_jax.sampling.teacher import sample_teacher_frames
     from liveavatar_jax.weights.random_init import randomize
@@ -95,8 +96,6 @@ def test_teacher_sampling_embeds_the_prompt_with_the_teacher(pipe, tmp_path):
     soundfile.write(str(wav), speech[: sr], sr)                     # 1 s: one 6-frame window
     image = REPO / "tests" / "data" / "face.png"
     plan, img = plan_stream(pipe.config, image, wav)
-    from liveavatar_jax.models.dit import CausalS2VDiT
-
     teacher = randomize(nnx.eval_shape(lambda: CausalS2VDiT(pipe.models.dit.cfg, rngs=nnx.Rngs(0))), 11)
 
     def frames():
