@@ -187,3 +187,37 @@ def test_official_state_dict_gives_back_the_official_file():
     for key, value in official.items():
         assert ours[key].shape == value.shape, key
         np.testing.assert_array_equal(ours[key], value.astype(np.float32), err_msg=key)
+
+
+def test_decoder_only_phase_keeps_the_latents(trainer, straight_run, tmp_path):
+    """`trainable = "decoder"` (configs/tinyworld_vae_colour.py): the encoder and its moments conv never change, so
+    the export encodes exactly as its init did, with the init's latent statistics; the decoder does train."""
+    workdir, _ = straight_run
+    init = workdir / "vae.safetensors"
+    c = small_config(trainer.config.data.path)
+    c.update(init_from=str(init), trainable="decoder", total_steps=3, checkpoint_every=3)
+    c.loss.update(colour_weight=4.0, colour_pool=8)
+    tuned = VAETrainer(c, tmp_path)
+    start = tuned.initial_state()
+    state = jax.device_get(tuned.fit())
+    frozen = [keep is False for keep in tuned.trainable]
+    assert any(frozen) and not all(frozen)
+    for a, b, keep in zip(state.params, start.params, tuned.trainable):
+        if not keep:
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+               for a, b, keep in zip(state.params, start.params, tuned.trainable) if keep)
+    assert all(json.loads(line)["colour"] > 0 for line in (tmp_path / "metrics.jsonl").read_text().splitlines())
+
+    config = VAEConfig.from_config({**trainer.config.vae, "latents_mean": (0.5,) * 4, "latents_std": (2.0,) * 4})
+    before, after = VAE(load_vae(init, config)), VAE(load_vae(tmp_path / "vae.safetensors", config))
+    assert after.config.latents_mean == before.config.latents_mean
+    assert after.config.latents_std == before.config.latents_std
+    video = jnp.asarray(trainer.data.batch(123, 0, 1)).transpose(0, 4, 1, 2, 3)
+    latents = before.encode(video)
+    np.testing.assert_array_equal(np.asarray(after.encode(video)), np.asarray(latents))
+    assert not np.array_equal(np.asarray(after.decode(latents)), np.asarray(before.decode(latents)))
+
+    c.trainable = "encoder"
+    with pytest.raises(ValueError, match="trainable='encoder'"):
+        VAETrainer(c, tmp_path)

@@ -12,9 +12,12 @@ what an uninterrupted one does.
 
 Loss. L1 + MSE between the decoded sample and the input (pixel weights: `loss.mouth_weight` inside
 `loss.mouth_box`, a box in fractions of the frame around the tiny world's mouth, 1 elsewhere) + `loss.kl_weight` x the
-mean KL of the posterior N(mu, exp(log_var)) to N(0, 1) per latent element. During training the model's latent
-statistics are the identity (mean 0, std 1); at export they are measured on the training clips (per-channel mean and
-std of mu) and written with the weights, so the DiT sees unit-scale latents as it does with the Wan constants.
+mean KL of the posterior N(mu, exp(log_var)) to N(0, 1) per latent element + `loss.colour_weight` x the L1 of the
+mean colours of `loss.colour_pool`-pixel tiles. During training the model's latent statistics are the identity
+(mean 0, std 1); at export they are measured on the training clips (per-channel mean and std of mu) and written with
+the weights, so the DiT sees unit-scale latents as it does with the Wan constants. `trainable = "decoder"` freezes
+the encoder and its moments conv (a decoder-only phase after `init_from`): the export then keeps the init's
+statistics, and its latents are exactly the init's.
 
 State and checkpoints: the parameters, AdamW's state, an EMA of the parameters and the streams' caches are lists of
 arrays (`nnx.split` / tree leaves, in order); `distill.checkpoint.Checkpointer` saves them with the step and the config. The export
@@ -141,13 +144,15 @@ def init_caches(model: WanVAE, batch: int, height: int, width: int) -> dict:
             "decoder": model.decoder.init_cache(batch, height // stride, width // stride, dtype)}
 
 
-def reconstruct(model: WanVAE, video: jax.Array, key: jax.Array | None = None, caches: dict | None = None):
+def reconstruct(model: WanVAE, video: jax.Array, key: jax.Array | None = None, caches: dict | None = None,
+                frozen_encoder: bool = False):
     """The next frames of B streams through the encoder and the decoder -> (decoded, mu, log_var, caches after them).
 
     With `caches` None, `video` [B, 1 + 4k, H, W, 3] starts the streams (frame 0 through the first-frame paths, then k
     chunks); otherwise `video` [B, 4k, H, W, 3] continues them from `caches`, as the streaming encoder and decoder do
     with their carried features. Decodes mu + sigma eps (eps ~ N(0, 1) from `key`; mu when `key` is None). The
-    returned caches carry no gradient: training backpropagates through the chunks of one call only."""
+    returned caches carry no gradient: training backpropagates through the chunks of one call only.
+    `frozen_encoder` stops the gradient at the moments, so no backward pass runs through the encoder."""
     b, t, h, w, _ = video.shape
     dtype = model.conv1.kernel.dtype
     video = video.astype(dtype)
@@ -169,6 +174,8 @@ def reconstruct(model: WanVAE, video: jax.Array, key: jax.Array | None = None, c
         enc, rest = lax.scan(encode_chunk, enc, video[:, :4 * n].reshape(b, n, 4, h, w, 3).swapaxes(0, 1))
         pieces.append(rest.swapaxes(0, 1).reshape((b, -1) + rest.shape[3:]))
     moments = model.conv1(jnp.concatenate(pieces, axis=1))[0].astype(jnp.float32)
+    if frozen_encoder:
+        moments = lax.stop_gradient(moments)
     mu, log_var = moments[..., :model.config.z_dim], jnp.clip(moments[..., model.config.z_dim:], *LOG_VAR_RANGE)
     z = mu if key is None else mu + jnp.exp(0.5 * log_var) * jax.random.normal(key, mu.shape, mu.dtype)
     dec, frames = caches["decoder"], []
@@ -209,9 +216,24 @@ class VAETrainState:
     rng: jnp.ndarray        # uint32 key data of the run's root key
 
 
-def loss_fn(params, graphdef, treedef, video, key, caches, weights, kl_weight: float):
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    """The static settings of `loss_fn` (config `loss` and `trainable`)."""
+    kl_weight: float
+    colour_weight: float = 0.0
+    colour_pool: int = 8
+    frozen_encoder: bool = False
+
+
+def pooled_colour(video, pool: int):
+    """[B, T, H, W, 3] -> the mean colour of each pool x pool tile [B, T, H / pool, W / pool, 3]."""
+    b, t, h, w, c = video.shape
+    return video.reshape(b, t, h // pool, pool, w // pool, pool, c).mean(axis=(3, 5))
+
+
+def loss_fn(params, graphdef, treedef, video, key, caches, weights, settings: LossSettings):
     model = nnx.merge(graphdef, jax.tree.unflatten(treedef, params))
-    recon, mu, log_var, caches = reconstruct(model, video, key, caches)
+    recon, mu, log_var, caches = reconstruct(model, video, key, caches, frozen_encoder=settings.frozen_encoder)
     if recon.shape != video.shape:
         raise ValueError(f"the VAE decodes {recon.shape[1]} frames from {video.shape[1]}: data.frames must be "
                          f"1 + {model.config.temporal_stride}k for this config")
@@ -219,20 +241,25 @@ def loss_fn(params, graphdef, treedef, video, key, caches, weights, kl_weight: f
     l1 = jnp.mean(jnp.abs(diff) * weights)
     mse = jnp.mean(diff * diff * weights)
     kl = 0.5 * jnp.mean(mu * mu + jnp.exp(log_var) - 1.0 - log_var)
-    loss = l1 + mse + kl_weight * kl
-    return loss, ({"loss": loss, "l1": l1, "mse": mse, "kl": kl, "psnr": psnr(recon, video),
+    # The mean colour of each tile: per-pixel losses let a blurry decoder trade a hue shift over a whole region for
+    # sharper edges; this term prices the region's colour itself (eval's drift measures region means).
+    colour = jnp.mean(jnp.abs(pooled_colour(recon, settings.colour_pool) - pooled_colour(video, settings.colour_pool)))
+    loss = l1 + mse + settings.kl_weight * kl + settings.colour_weight * colour
+    return loss, ({"loss": loss, "l1": l1, "mse": mse, "kl": kl, "colour": colour, "psnr": psnr(recon, video),
                    "latent_std": jnp.std(mu)}, caches)
 
 
-def train_step(graphdef, treedef, cache_treedef, tx, weights, kl_weight: float, ema_decay: float, first: bool,
-               state: VAETrainState, video):
+def train_step(graphdef, treedef, cache_treedef, tx, weights, settings: LossSettings, trainable: list,
+               ema_decay: float, first: bool, state: VAETrainState, video):
     """One optimizer step on the next frames of the training streams; `first` starts new streams (their caches in
-    `state.streams` are ignored)."""
+    `state.streams` are ignored). `trainable`: a bool per parameter leaf; the others never change (their updates,
+    weight decay included, are dropped)."""
     key = ts.step_key(state.rng, state.step)
     caches = None if first else jax.tree.unflatten(cache_treedef, state.streams)
     grads, (metrics, caches) = jax.grad(loss_fn, has_aux=True)(state.params, graphdef, treedef, video, key, caches,
-                                                               weights, kl_weight)
+                                                               weights, settings)
     updates, opt = tx.update(grads, state.opt, state.params)
+    updates = [u if keep else jnp.zeros_like(u) for u, keep in zip(updates, trainable)]
     params = optax.apply_updates(state.params, updates)
     ema = ts.ema_update(state.ema, params, ema_decay, state.step, 0)
     metrics = {**metrics, "grad_norm": ts.global_norm(grads)}
@@ -277,11 +304,23 @@ class VAETrainer:
         self.tx = ts.make_optimizer(self.config.optimizer, self.config.total_steps)
         weights = jnp.asarray(pixel_weights(int(c.data.height), int(c.data.width), float(c.loss.mouth_weight),
                                             tuple(c.loss.mouth_box)))
-        step = partial(train_step, self.graphdef, self.treedef, self.cache_treedef, self.tx, weights,
-                       float(c.loss.kl_weight), float(c.ema.decay))
+        trainable_part = str(c.trainable)
+        if trainable_part not in ("all", "decoder"):
+            raise ValueError(f"trainable={trainable_part!r}: choose 'all' or 'decoder'")
+        frozen = ("encoder", "conv1") if trainable_part == "decoder" else ()
+        self.trainable = [not (path and getattr(path[0], "key", None) in frozen)
+                          for path, _ in jax.tree_util.tree_flatten_with_path(nnx_state)[0]]
+        settings = LossSettings(kl_weight=float(c.loss.kl_weight),
+                                colour_weight=float(c.loss.colour_weight), colour_pool=int(c.loss.colour_pool),
+                                frozen_encoder=bool(frozen))
+        if c.data.height % settings.colour_pool or c.data.width % settings.colour_pool:
+            raise ValueError(f"loss.colour_pool={settings.colour_pool} must divide data.height and data.width")
+        step = partial(train_step, self.graphdef, self.treedef, self.cache_treedef, self.tx, weights, settings,
+                       self.trainable, float(c.ema.decay))
         # two programs: the first step of a stream (frame 0 and fresh caches) and every later one (carried caches)
         self.step_fns = {first: jax.jit(partial(step, first), donate_argnums=(0,)) for first in (True, False)}
         self.checkpointer = None
+        self.init_stats = None      # the latent statistics of `init_from`, set by `initial_state`
 
     def initial_state(self) -> VAETrainState:
         """The state before step 1: the weights of `init_from` (an exported vae.safetensors, for a second phase with
@@ -295,6 +334,8 @@ class VAETrainer:
             if not Path(init_from).is_file():
                 raise FileNotFoundError(f"init_from={init_from}: no such VAE file (an exported vae.safetensors)")
             model = load_vae(init_from, self.model_cfg, dtype=jnp.float32)
+            self.init_stats = {"latents_mean": tuple(model.config.latents_mean),
+                               "latents_std": tuple(model.config.latents_std)}
         else:
             model = random_vae(self.model_cfg, seed=seed, dtype=jnp.float32)
             # A zero log_var bias starts the posterior at sigma ~ 1, drowning mu (~0.1 at init) in noise: the decoder
@@ -351,7 +392,10 @@ class VAETrainer:
 
         c = self.config
         params = state.ema if c.export_ema else state.params
-        stats = self.measure_stats(params, int(c.stats_windows))
+        if all(self.trainable) or self.init_stats is None:
+            stats = self.measure_stats(params, int(c.stats_windows))
+        else:   # the frozen encoder's latents are the init's: keep its statistics bit for bit, as the DiT saw them
+            stats = self.init_stats
         path = save_vae(self.model(params, stats), self.workdir / str(c.export_name),
                         dtype=np.dtype(str(c.export_dtype)))
         log.info("wrote %s (%.2f MB); latent mean %s, std %s", path, path.stat().st_size / 1e6,
