@@ -1,9 +1,10 @@
 """Writing the stream as an H.264 + AAC mp4, block by block, so that a kill never loses a finished block.
 
 Two files grow side by side while the stream runs:
-  * `<out stem>.partial.ts`: MPEG-TS flushed to disk packet by packet, with no encoder delay (zero-latency x264, one
-    thread) and the audio written one block ahead so the muxer never holds a frame back. A crash, SIGKILL or Ctrl-C
-    leaves it playable, holding every block written so far, video and audio.
+  * `<out stem>.partial.ts`: MPEG-TS with no encoder delay (zero-latency x264, one thread) and the audio written one
+    block ahead so the muxer never holds a frame back; each block's bytes reach the file in one write when the block
+    is done. A crash, SIGKILL or Ctrl-C leaves it playable, holding every block written so far, video and audio, and
+    never part of a block.
   * a hidden `.<out name>.tmp.mp4`: a regular mp4 of the same frames and audio, finished and renamed to the final
     name only when the stream is complete, so a file under the final name is always whole.
 MPEG-TS rather than a fragmented mp4 for the partial file because the mp4 muxer keeps the last packet of a fragment
@@ -25,12 +26,38 @@ def partial_path(path) -> Path:
     return path.with_name(path.stem + ".partial.ts")
 
 
-class _Encoder:
-    """One container with an H.264 video stream and an optional AAC mono audio stream."""
+class _BlockFile:
+    """The partial file as its muxer sees it: what the muxer writes waits in memory until `commit()` appends it with
+    one write() call, so a kill between two commits leaves whole blocks, and a kill cannot land inside a write()."""
 
-    def __init__(self, path: Path, fmt: str, options: dict, width: int, height: int, fps: int,
+    def __init__(self, path: Path):
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._pending = bytearray()
+
+    def write(self, data) -> int:
+        self._pending += data
+        return len(data)
+
+    def commit(self):
+        data = bytes(self._pending)
+        self._pending.clear()
+        while data:
+            data = data[os.write(self._fd, data):]
+
+    def close(self, commit: bool = True):
+        if commit:
+            self.commit()
+        os.close(self._fd)
+
+
+class _Encoder:
+    """One container with an H.264 video stream and an optional AAC mono audio stream, written to a path or to a
+    `_BlockFile`."""
+
+    def __init__(self, target, fmt: str, options: dict, width: int, height: int, fps: int,
                  sample_rate: int | None, gop: int, crf: int):
-        self.container = av.open(str(path), "w", format=fmt, options=options)
+        self.container = av.open(target if isinstance(target, _BlockFile) else str(target), "w", format=fmt,
+                                 options=options)
         self.video = self.container.add_stream(
             "libx264", rate=fps, options={"tune": "zerolatency", "preset": "veryfast", "crf": str(crf), "g": str(gop)})
         self.video.width, self.video.height, self.video.pix_fmt = width, height, "yuv420p"
@@ -78,7 +105,8 @@ class StreamingMP4Writer:
         self.fps, self.sample_rate = fps, sample_rate
         self.audio = None if audio is None else np.asarray(audio, np.float32).reshape(-1)
         rate = None if self.audio is None else sample_rate
-        self._live = _Encoder(self.partial, "mpegts", {"flush_packets": "1", "max_interleave_delta": "1"},
+        self._live_file = _BlockFile(self.partial)
+        self._live = _Encoder(self._live_file, "mpegts", {"flush_packets": "1", "max_interleave_delta": "1"},
                               width, height, fps, rate, frames_per_block, crf)
         self._final = _Encoder(self.tmp, "mp4", {"movflags": "faststart"}, width, height, fps, rate,
                                frames_per_block, crf)
@@ -111,12 +139,14 @@ class StreamingMP4Writer:
             self.frames_written += 1
         if self.audio is not None:
             self._feed_audio(self._samples_at(self.frames_written + self._block))
+        self._live_file.commit()
 
     def close(self) -> Path:
         """Finishes both files, publishes the mp4 under its final name and removes the partial file."""
         if self.audio is not None:
             self._feed_audio(self._samples_at(self.frames_written))
         self._live.finish()
+        self._live_file.close()
         self._final.finish()
         os.replace(self.tmp, self.path)
         self.partial.unlink()
@@ -129,6 +159,7 @@ class StreamingMP4Writer:
                 enc.container.close()
             except Exception:  # mid-packet; what is on disk of the partial file is already playable
                 pass
+        self._live_file.close(commit=False)   # a block cut short stays out of the partial file
         self.tmp.unlink(missing_ok=True)
         return self.partial
 
