@@ -47,7 +47,7 @@ def get_config():
     # 1e-6 keeps the posterior narrow (KL ~2-4). mouth_weight: without it the mouth is the last thing learned (a
     # 300-step overfit of one clip draws a face with no mouth; with weight 10 the mouth is there by step 300).
     # mouth_box: (top, bottom, left, right) in fractions of the frame, around the tiny world's mouth with its sway
-    # colour_weight: x the L1 of the mean colours of colour_pool x colour_pool tiles (off; configs/tinyworld_vae_colour.py)
+    # colour_weight: x the L1 of the mean colours of colour_pool-pixel tiles (off here; configs/tinyworld_vae_colour.py)
     c.loss = dict(kl_weight=1e-6, init_log_var=-8.0, mouth_weight=4.0, mouth_box=(0.5, 0.9, 0.3, 0.7),
                   colour_weight=0.0, colour_pool=8)
     c.trainable = "all"     # or "decoder": the encoder and its moments conv frozen, the latents unchanged

@@ -673,8 +673,8 @@ class CausalS2VDiT(nnx.Module):
 
         if remat in (None, "none"):
             # Inference: the stacked ring rides in the scan's carry and each layer writes its slot in place (one
-            # buffer, no per-layer slice copied in and stacked out: 2.6 % of benchmarks.dit_forward, paired). Under remat
-            # each layer's saved inputs would include the whole stack, so training passes per-layer slices.
+            # buffer, no per-layer slice copied in and stacked out: 2.6 % of benchmarks.dit_forward, paired). Under
+            # remat each layer's saved inputs would include the whole stack, so training passes per-layer slices.
             out, (sink_kr, (ring_k, ring_v)), dbg = self.scan_blocks(
                 hs, e0, text, attend, (sink.k, sink.v), inject=inject, debug=debug, text_kv=text_kv,
                 carried=(cache.k, cache.v))
