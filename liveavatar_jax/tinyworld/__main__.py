@@ -74,7 +74,7 @@ def parse_args(argv):
                            help="arguments for train.preprocess, after --")
     r = sub.add_parser("recipe", help="train the tiny world's VAE, teacher and student from scratch")
     r.add_argument("--out", required=True, help="run folder (a killed recipe resumes from it)")
-    r.add_argument("--clips", type=int, default=48, help="training clips")
+    r.add_argument("--clips", type=int, default=192, help="training clips")
     r.add_argument("--seconds", type=float, default=8.0, help="length of each training clip")
     r.add_argument("--eval_clips", type=int, default=3, help="evaluation clips (unseen faces, voices, sentences)")
     r.add_argument("--eval_seconds", type=float, default=20.0)
