@@ -220,3 +220,20 @@ def test_dataset_cli_builds_training_examples_through_preprocess(tmp_path):
     assert (index["spec"]["height"], index["spec"]["width"], index["spec"]["frames"]) == (8, 8, 6)
     arrays, meta = read_example(tmp_path / "data" / index["examples"][0]["file"])
     assert arrays["audio"].shape[-1] == 24 and meta["fps"] == "25"
+
+
+def test_recipe_vae_flag_uses_the_given_vae_instead_of_training_one(tmp_path, capsys):
+    """`recipe --vae FILE`: the vae stage copies the file (no training) and records where it came from; a missing
+    file is refused before any stage runs."""
+    vae = tmp_path / "trained_vae.safetensors"
+    vae.write_bytes(b"stand-in bytes: the stage copies, it does not load")
+    run = tmp_path / "run"
+    assert tinyworld_main(["recipe", "--out", str(run), "--stages", "vae", "--vae", str(vae)]) == 0
+    assert (run / "vae" / "vae.safetensors").read_bytes() == vae.read_bytes()
+    assert not (run / "vae_windows").exists()
+    recorded = json.loads((run / "recipe.json").read_text())["stages"]["vae"]
+    assert recorded["copied_from"] == str(vae.resolve()) and len(recorded["sha256"]) == 64
+    missing = tmp_path / "nope.safetensors"
+    assert tinyworld_main(["recipe", "--out", str(tmp_path / "run2"), "--vae", str(missing)]) == 2
+    assert str(missing) in capsys.readouterr().err
+    assert not (tmp_path / "run2" / "clips").exists()

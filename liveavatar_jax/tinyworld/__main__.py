@@ -10,7 +10,7 @@
                                                           --videos DIR/videos --out DIR/data --height H --width W`
                                                           with the arguments after `--` (e.g. --random_encoders
                                                           --frames 6 --text_len 32, or --ckpt_dir CKPT)
-  recipe   --out RUN [--clips K] [--install] [--stages a,b]
+  recipe   --out RUN [--clips K] [--vae FILE] [--install] [--stages a,b]
                                                           the whole training recipe (tinyworld/recipe.py): clips,
                                                           VAE, dataset, teacher, student Stage 1 and 2, weights,
                                                           evaluation on unseen speech; --install makes the weights
@@ -80,6 +80,8 @@ def parse_args(argv):
     r.add_argument("--eval_seconds", type=float, default=20.0)
     r.add_argument("--stages", default="clips,vae,data,teacher,student,distill,weights,eval,teacher_eval",
                    help="comma-separated stages, in order (also: ablation, the 10-minute ablation table)")
+    r.add_argument("--vae", default=None, help="a trained vae.safetensors to use instead of training one (for "
+                   "example liveavatar_jax/assets/tinyworld/vae.safetensors, the embedded default's)")
     r.add_argument("--install", action="store_true", help="copy the weights to liveavatar_jax/assets/tinyworld")
     return p.parse_args(argv)
 
@@ -105,7 +107,8 @@ def main(argv=None) -> int:
             if unknown:
                 raise ValueError(f"--stages: unknown stage(s) {unknown}; known: {list(Recipe.STAGES)}")
             recipe = Recipe(args.out, clips=args.clips, seconds=args.seconds, eval_clips=args.eval_clips,
-                            eval_seconds=args.eval_seconds, log=lambda line: print(line, flush=True))
+                            eval_seconds=args.eval_seconds, vae_from=args.vae,
+                            log=lambda line: print(line, flush=True))
             try:
                 print(json.dumps(recipe(stages, install=args.install)))
             except RuntimeError as e:      # a stage's command failed; its log is named in the message

@@ -6,7 +6,8 @@ stage whose outputs exist is skipped, so a killed recipe resumes where it stoppe
 
   clips      python -m liveavatar_jax.tinyworld clips        procedural clips (faces, speech, the mouth law)
   vae        python -m train.vae (two phases)                configs/tinyworld_vae.py (windows), then
-                                                             configs/tinyworld_vae_streams.py (streams)
+                                                             configs/tinyworld_vae_streams.py (streams); or
+                                                             `--vae FILE` copies a trained one
   data       python -m train.preprocess --tiny_vae           latents, spectral audio features, prompt embedding
   teacher    python -m train.pretrain                        configs/tinyworld_teacher.py (bidirectional)
   student    python -m train.pretrain                        configs/tinyworld_student.py (Stage 1, from the teacher)
@@ -57,8 +58,13 @@ def _last_metrics(workdir: Path) -> dict:
 
 class Recipe:
     def __init__(self, out, *, clips: int, seconds: float, eval_clips: int, eval_seconds: float,
-                 overrides: dict[str, list[str]] | None = None, log=print):
+                 overrides: dict[str, list[str]] | None = None, vae_from=None, log=print):
+        """`vae_from`: a trained vae.safetensors the vae stage copies instead of training one (the DiT stages on a
+        fixed VAE: the VAE's training is the recipe's longest stage and its least repeatable, docs/tinyworld.md)."""
         self.run = Path(out)
+        self.vae_from = None if vae_from is None else Path(vae_from)
+        if self.vae_from is not None and not self.vae_from.is_file():
+            raise ValueError(f"--vae {self.vae_from}: no such file")
         self.clips, self.seconds = clips, seconds
         self.eval_clips, self.eval_seconds = eval_clips, eval_seconds
         self.overrides = overrides or {}
@@ -133,6 +139,11 @@ class Recipe:
         whole clips."""
         if (self.run / "vae" / "vae.safetensors").is_file():
             self.log(f"[vae] {self.run / 'vae' / 'vae.safetensors'} exists: skipped")   # phase 1 is not needed again
+            return
+        if self.vae_from is not None:
+            (self.run / "vae").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.vae_from, self.run / "vae" / "vae.safetensors")
+            self._record("vae", copied_from=str(self.vae_from.resolve()), sha256=_sha256(self.vae_from))
             return
         windows = self.run / "vae_windows"
         self._train("vae_windows", "train.vae", "tinyworld_vae.py", windows, "vae.safetensors", [],
