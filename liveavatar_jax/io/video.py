@@ -45,9 +45,16 @@ class _BlockFile:
             data = data[os.write(self._fd, data):]
 
     def close(self, commit: bool = True):
-        if commit:
-            self.commit()
-        os.close(self._fd)
+        # Idempotent: `abort()` may follow a `close()` whose commit failed (a full disk), and closing a descriptor
+        # twice could close a file opened since under the same number.
+        if self._fd is None:
+            return
+        try:
+            if commit:
+                self.commit()
+        finally:
+            os.close(self._fd)
+            self._fd = None
 
 
 class _Encoder:
