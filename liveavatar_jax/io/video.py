@@ -45,8 +45,9 @@ class _BlockFile:
             data = data[os.write(self._fd, data):]
 
     def close(self, commit: bool = True):
-        # Idempotent: `abort()` may follow a `close()` whose commit failed (a full disk), and closing a descriptor
-        # twice could close a file opened since under the same number.
+        # Idempotent: the writer's `abort()` may follow a `close()` that failed after this file was closed (the
+        # finished mp4 could not be published), and closing a descriptor twice could close a file opened since under
+        # the same number. The descriptor is released even when the last commit fails (a full disk).
         if self._fd is None:
             return
         try:
