@@ -122,6 +122,28 @@ def test_upsample_conv_at_low_resolution_matches_nearest_then_conv():
     assert rel_l2(np.asarray(vae_lib._upsample2x_conv3x3(x, k)), np.asarray(want)) < 1e-6
 
 
+@pytest.mark.parametrize("kernel_hw, padding, stride, out_dtype", [
+    (3, ((1, 1), (1, 1)), 1, None),                 # the 3x3 convs (and the Winograd products, float32 out)
+    (3, ((1, 1), (1, 1)), 1, jnp.float32),
+    (2, ((1, 0), (0, 1)), 1, None),                 # an upsampling phase's 2x2 taps
+    (3, ((0, 1), (0, 1)), 2, None),                 # the downsampling conv
+])
+def test_conv_gradients_equal_xlas(kernel_hw, padding, stride, out_dtype):
+    # The CPU path's own VJP (kernel gradient as a patches matmul, input gradient as a forward conv) against the
+    # gradients XLA derives for its convolution: same function, so any slip in tap order or padding shows.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 9, 7, 5)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((kernel_hw, kernel_hw, 5, 6)), jnp.float32)
+
+    def loss(conv):
+        return lambda x, k: jnp.sum(jnp.sin(conv(x, k, padding, stride, out_dtype)) * jnp.arange(6.0))
+
+    got = jax.jit(jax.grad(loss(vae_lib._conv2d_patch_grad), (0, 1)))(x, k)
+    want = jax.jit(jax.grad(loss(vae_lib._conv2d_xla), (0, 1)))(x, k)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and rel_l2(np.asarray(g), np.asarray(w)) < 1e-6
+
+
 def test_real_config_matches_the_official_model():
     model = abstract_vae(vae_lib.WAN21_VAE)
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
