@@ -40,8 +40,9 @@ def get_config():
     # `frames`: the windows the latent statistics are measured on at export. `max_clips` 48: the first 48 clips
     # (seeds 0-47, the embedded default's VAE); the recipe's 192 clips are for the DiT. Trained on all 192 at the same
     # steps, the VAE's round trip of unseen clips was worse (sync 0.54, drift 25 against 0.75, 14; docs/tinyworld.md).
+    # `colour_augment`: the fraction of streams recoloured (chroma turned and scaled, `vae_trainer.recolour`)
     c.data = dict(path="", frames=9, height=64, width=64, batch_size=2, max_clips=48, stream_chunks=2,
-                  chunks_per_step=2)
+                  chunks_per_step=2, colour_augment=0.0)
     c.optimizer = defaults.optimizer(3e-3, b1=0.9, b2=0.99, weight_decay=1e-4, clip_norm=1.0)
     c.optimizer.final_lr_fraction = 0.05
     c.optimizer.decay_steps = 5000

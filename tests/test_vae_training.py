@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs.tinyworld_vae import get_config
-from liveavatar_jax.distill.vae_trainer import ClipWindows, VAETrainer, reconstruct, to_unit
+from liveavatar_jax.distill.vae_trainer import ClipWindows, VAETrainer, reconstruct, recolour, to_unit
 from liveavatar_jax.models.vae import VAE, VAEConfig
 from liveavatar_jax.tinyworld.clips import write_clips
 from liveavatar_jax.weights.checkpoint import CheckpointError
@@ -156,6 +156,30 @@ def test_streams_continue_across_steps(trainer):
     tail, mu_tail, _, _ = reconstruct(model, video[:, 5:], caches=caches)
     np.testing.assert_allclose(np.concatenate([head, tail], 1), whole, atol=1e-5)
     np.testing.assert_allclose(np.concatenate([mu_head, mu_tail], 1), mu, atol=1e-5)
+
+
+def test_recoloured_streams_keep_their_colours_across_steps(trainer):
+    """Colour augmentation: the same clips and frames as without it, each recoloured stream transformed the same
+    way in all its steps, luma kept, and no transform at all when off."""
+    folder = trainer.data.paths[0].parent
+    plain = ClipWindows(folder, 5, 32, 32)
+    every = ClipWindows(folder, 5, 32, 32, colour_augment=1.0)
+    pieces = [every.stream_batch(7, step, 2, 5, 1)[0] for step in range(5)]
+    plain_pieces = [plain.stream_batch(7, step, 2, 5, 1)[0] for step in range(5)]
+    luma = np.array([0.299, 0.587, 0.114], np.float32)
+    for got, want in zip(pieces, plain_pieces):
+        np.testing.assert_allclose(got @ luma, np.clip(want, -1, 1) @ luma, atol=0.05)   # clipping moves a few
+        assert np.abs(got - want).max() > 0.1
+    # one transform per stream: the frames of steps 1-4 are the stream's frames under step 0's matrix
+    stream, plain_stream = np.concatenate(pieces, 1), np.concatenate(plain_pieces, 1)
+    for s in range(2):
+        x, y = plain_stream[s].reshape(-1, 3), stream[s].reshape(-1, 3)
+        inside = np.all(np.abs(y) < 0.999, axis=1)
+        m, *_ = np.linalg.lstsq(x[inside], y[inside], rcond=None)
+        np.testing.assert_allclose(x[inside] @ m, y[inside], atol=1e-4)
+    np.testing.assert_allclose(recolour(plain_stream, 0.0, 1.0), plain_stream, atol=1e-6)
+    with pytest.raises(ValueError, match="colour_augment"):
+        ClipWindows(folder, 5, 32, 32, colour_augment=1.5)
 
 
 def test_bad_inputs_are_named(tmp_path, trainer):

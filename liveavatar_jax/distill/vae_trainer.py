@@ -67,7 +67,10 @@ def read_clip_frames(path, size: tuple[int, int] | None) -> np.ndarray:
 class ClipWindows:
     """Windows of consecutive frames from every `*.mp4` of a folder, drawn per step."""
 
-    def __init__(self, folder, frames: int, height: int, width: int, max_clips: int = 0):
+    def __init__(self, folder, frames: int, height: int, width: int, max_clips: int = 0, colour_augment: float = 0.0):
+        if not 0.0 <= colour_augment <= 1.0:
+            raise ValueError(f"data.colour_augment must be a fraction in [0, 1], got {colour_augment}")
+        self.colour_augment = colour_augment
         folder = Path(folder)
         if not folder.is_dir():
             raise ValueError(f"data.path {folder}: not a folder")
@@ -90,11 +93,14 @@ class ClipWindows:
         """(float32 [B, T, H, W, 3] in [-1, 1], first): the frames of `step` in the training streams.
 
         A stream is frame 0 and `stream_chunks` chunks of 4 frames from a random clip and start frame; it takes
-        `stream_chunks // chunks_per_step` steps, the first of which (`first`) also carries frame 0. The streams of
-        step s depend only on (seed, s // steps per stream), so a resumed run sees the same frames."""
+        `stream_chunks // chunks_per_step` steps, the first of which (`first`) also carries frame 0. A fraction
+        `colour_augment` of the streams have their colours transformed (`recolour`), the same way in all their
+        steps. The streams of step s depend only on (seed, s // steps per stream), so a resumed run sees the same
+        frames."""
         per_stream = stream_chunks // chunks_per_step
         segment, phase = divmod(step, per_stream)
         rng = np.random.default_rng([seed, segment])
+        colour_rng = np.random.default_rng([seed, segment, 1])   # its own draws: the same clips with or without
         length = 1 + 4 * stream_chunks
         lo = 0 if phase == 0 else 1 + 4 * chunks_per_step * phase
         hi = 1 + 4 * chunks_per_step * (phase + 1)
@@ -105,8 +111,12 @@ class ClipWindows:
                 raise ValueError(f"data.stream_chunks={stream_chunks} needs clips of {length} frames, one has "
                                  f"{len(clip)}")
             start = rng.integers(len(clip) - length + 1)
-            out.append(clip[start + lo:start + hi])
-        return to_unit(np.stack(out)), phase == 0
+            frames = to_unit(clip[start + lo:start + hi])
+            draw, angle, saturation = colour_rng.uniform((0.0, -np.pi, 0.6), (1.0, np.pi, 1.4))
+            if draw < self.colour_augment:
+                frames = recolour(frames, angle, saturation)
+            out.append(frames)
+        return np.stack(out), phase == 0
 
     def batch(self, seed: int, step: int, batch_size: int) -> np.ndarray:
         """float32 [B, T, H, W, 3] in [-1, 1]: the windows of `step` (a function of (seed, step) only)."""
@@ -117,6 +127,24 @@ class ClipWindows:
             start = rng.integers(len(clip) - self.frames + 1)
             out.append(clip[start:start + self.frames])
         return to_unit(np.stack(out))
+
+
+# BT.601 full-range RGB -> (Y, Cb, Cr) on [-1, 1] values (Cb, Cr centred on 0)
+_RGB_TO_YCC = np.array([[0.299, 0.587, 0.114],
+                        [-0.168736, -0.331264, 0.5],
+                        [0.5, -0.418688, -0.081312]], np.float32)
+
+
+def recolour(frames: np.ndarray, angle: float, saturation: float) -> np.ndarray:
+    """frames [..., 3] in [-1, 1] with their chroma turned by `angle` (radians) and scaled by `saturation` (luma
+    kept, so the dark mouth stays dark), clipped to [-1, 1].
+
+    The VAE must keep the colours of faces and backgrounds it never saw: trained on a few dozen faces it learns their
+    colours and shifts new ones towards them (docs/tinyworld.md, VAE). Recoloured streams show it every hue."""
+    c, s = np.cos(angle) * saturation, np.sin(angle) * saturation
+    chroma = np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]], np.float32)
+    m = np.linalg.inv(_RGB_TO_YCC) @ chroma @ _RGB_TO_YCC
+    return np.clip(frames @ m.T.astype(np.float32), -1.0, 1.0)
 
 
 def to_unit(frames_uint8: np.ndarray) -> np.ndarray:
@@ -288,7 +316,8 @@ class VAETrainer:
         if c.data.height % stride or c.data.width % stride:
             raise ValueError(f"data.height/data.width must be multiples of the VAE stride {stride}")
         self.data = data if data is not None else ClipWindows(c.data.path, int(c.data.frames), int(c.data.height),
-                                                              int(c.data.width), int(c.data.get("max_clips", 0)))
+                                                              int(c.data.width), int(c.data.get("max_clips", 0)),
+                                                              float(c.data.get("colour_augment", 0.0)))
         self.stream_chunks = int(c.data.stream_chunks)
         self.chunks_per_step = int(c.data.chunks_per_step)
         if self.chunks_per_step < 1 or self.stream_chunks % self.chunks_per_step:
