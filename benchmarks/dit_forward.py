@@ -14,7 +14,6 @@ audio (computed once per block and shared by its 4 denoising steps; `--per_call_
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -30,19 +29,17 @@ def main():
     p.add_argument("--per_call_audio", action="store_true",
                    help="encode the block's audio in the call (the engine encodes it once per block, for 4 calls)")
     args = p.parse_args()
+    from benchmarks.common import REPO, pin_threads, record
     from liveavatar_jax.runtime import prefer_onednn_on_cpu
 
     prefer_onednn_on_cpu()   # XLA_FLAGS=--xla_cpu_use_onednn=false times the default XLA:CPU kernels
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) > THREADS:
-        os.sched_setaffinity(0, cpus[:THREADS])
+    pin_threads(THREADS)
 
     import json
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from benchmarks.common import REPO, record
     from liveavatar_jax.models.dit import CausalS2VDiT, DiTConfig
     from liveavatar_jax.streaming.caches import RingCache
     from liveavatar_jax.weights.random_init import randomize

@@ -26,18 +26,11 @@ import statistics
 import sys
 import time
 
-from benchmarks.common import REPO, record
+from benchmarks.common import REPO, pin_threads, record
 
 THREADS = 2
 REFERENCE = REPO.parent / "shared" / "golden" / "time_stream_reference.json"
 OFFICIAL_BLOCK_MEDIAN_S = 16.442246608999994  # time_stream_reference.json, vae.median_s (used when it is absent)
-
-
-def _pin_threads(n: int) -> list[int]:
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) > n:
-        os.sched_setaffinity(0, cpus[:n])
-    return sorted(os.sched_getaffinity(0))
 
 
 def _tune_malloc() -> bool:
@@ -57,7 +50,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-record", action="store_true", help="print the JSON object only")
     args = parser.parse_args(argv)
 
-    cpus = _pin_threads(THREADS)
+    cpus = pin_threads(THREADS)
     malloc_tuned = False if args.no_malloc_tuning else _tune_malloc()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

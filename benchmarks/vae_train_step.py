@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import statistics
 import tempfile
 import time
@@ -26,17 +25,15 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--xla_conv_gradients", action="store_true")
     args = p.parse_args()
+    from benchmarks.common import pin_threads, record
     from liveavatar_jax.runtime import prefer_onednn_on_cpu
 
     prefer_onednn_on_cpu()
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) > THREADS:
-        os.sched_setaffinity(0, cpus[:THREADS])
+    pin_threads(THREADS)
 
     import jax
     import jax.numpy as jnp
 
-    from benchmarks.common import record
     from liveavatar_jax.distill.vae_trainer import VAETrainer
     from liveavatar_jax.models import vae as vae_lib
 
