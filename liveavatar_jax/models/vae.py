@@ -152,7 +152,7 @@ def _conv2d_xla(x, kernel, padding, stride, out_dtype):
 
 # XLA:CPU computes a convolution's kernel gradient with its generic loop emitter, not a library kernel: at the tiny
 # world's widths (4-32 channels) that was about two thirds of a VAE training step. As a matmul of the input's patches
-# with the output gradient it runs on the matmul library instead (1.8x faster steps, `benchmarks.vae_train_step`).
+# with the output gradient it runs on the matmul library instead (1.7-2.1x faster steps, `benchmarks.vae_train_step`).
 # The forward stays XLA's convolution, and so does the input gradient of the strided (downsampling) convs.
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv2d_patch_grad(x, kernel, padding, stride, out_dtype):
