@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from configs.tinyworld_vae import get_config
-from liveavatar_jax.distill.vae_trainer import ClipWindows, VAETrainer, reconstruct, recolour, to_unit
-from liveavatar_jax.models.vae import VAE, VAEConfig
+from liveavatar_jax.distill.vae_trainer import (ClipWindows, VAETrainer, inflate_time, reconstruct, recolour,
+                                                to_unit)
+from liveavatar_jax.models.vae import VAE, VAEConfig, random_vae
 from liveavatar_jax.tinyworld.clips import write_clips
 from liveavatar_jax.weights.checkpoint import CheckpointError
 from liveavatar_jax.weights.vae_keys import load_vae, official_state_dict
@@ -29,13 +30,15 @@ def small_config(path):
     c.vae = dict(dim=4, z_dim=4, dim_mult=(1, 2), num_res_blocks=1, temporal_downsample=(True,),
                  winograd_time_tile=1)
     # streams of 5 chunks, one a step: the checkpoint at STEPS // 2 falls inside a stream, whose caches it carries
-    c.data.update(path=str(path), frames=5, height=32, width=32, batch_size=2, stream_chunks=5, chunks_per_step=1)
+    c.data.update(path=str(path), frames=5, height=32, width=32, batch_size=2, stream_chunks=5, chunks_per_step=1,
+                  colour_augment=0.0, cut_first_frame=0.0)   # each has its own test below
     c.total_steps = STEPS
     c.checkpoint_every = STEPS // 2
     c.async_checkpointing = False
     c.log_every = 1000
     c.optimizer.update(lr=3e-3, final_lr_fraction=1.0)   # a constant rate: 24 steps show the fall
     c.loss.mouth_weight = 3.0
+    c.time_init = "keep"
     c.stats_windows = 8
     c.export_dtype = "float32"
     return c
@@ -111,6 +114,14 @@ def test_init_from_starts_at_an_exported_vae(trainer, straight_run, tmp_path):
     start = VAETrainer(c, tmp_path).initial_state()
     for a, b in zip(start.params, state.ema):           # the export holds the EMA weights, in float32 here
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # "inflated": the export's current-frame taps kept as they are, the earlier taps zero
+    c.time_init = "inflated"
+    inflated = VAETrainer(c, tmp_path).initial_state()
+    kernels = [(a, b) for a, b in zip(inflated.params, state.ema) if a.ndim == 5 and a.shape[:3] == (3, 3, 3)]
+    assert kernels
+    for a, b in kernels:
+        np.testing.assert_array_equal(np.asarray(a[-1]), np.asarray(b[-1]))
+        assert not np.asarray(a[:-1]).any() and np.asarray(b[:-1]).any()
     c.init_from = str(tmp_path / "missing.safetensors")
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         VAETrainer(c, tmp_path).initial_state()
@@ -139,7 +150,7 @@ def test_roundtrip_scores_tiny_world_clips(trainer, straight_run, tmp_path):
 def test_streams_continue_across_steps(trainer):
     """The steps of one training stream hand on consecutive frames, and a stream continued from carried caches
     decodes what one pass over all its frames decodes (the streaming encoder and decoder)."""
-    data, c = trainer.data, trainer.config
+    data = trainer.data
     pieces = [data.stream_batch(7, step, 2, 5, 1) for step in range(5)]
     assert [first for _, first in pieces] == [True, False, False, False, False]
     assert [v.shape[1] for v, _ in pieces] == [5, 4, 4, 4, 4]
@@ -180,6 +191,69 @@ def test_recoloured_streams_keep_their_colours_across_steps(trainer):
     np.testing.assert_allclose(recolour(plain_stream, 0.0, 1.0), plain_stream, atol=1e-6)
     with pytest.raises(ValueError, match="colour_augment"):
         ClipWindows(folder, 5, 32, 32, colour_augment=1.5)
+
+
+def _find_run(clips, frames):
+    """(clip index, start) of `frames` as consecutive frames of one of `clips`, else None."""
+    for i, clip in enumerate(clips):
+        for start in range(len(clip) - len(frames) + 1):
+            if np.array_equal(clip[start:start + len(frames)], frames):
+                return i, start
+    return None
+
+
+def test_cut_streams_take_frame_0_or_every_step_from_another_clip(tmp_path):
+    """`cut_first_frame`: frame 0 of a stream from another clip, everything else as without the cut.
+    `cut_every_step`: each continued step's chunks from a fresh clip and start, the first step as without it."""
+    write_clips(tmp_path, 2, seconds=1.0, size=32)
+    plain = ClipWindows(tmp_path, 5, 32, 32)
+    clips = [to_unit(c) for c in plain.clips]
+    cut = ClipWindows(tmp_path, 5, 32, 32, cut_first_frame=1.0)
+    for step in range(3):
+        got, first = cut.stream_batch(7, step, 2, 3, 1)
+        want, _ = plain.stream_batch(7, step, 2, 3, 1)
+        if not first:
+            np.testing.assert_array_equal(got, want)
+            continue
+        np.testing.assert_array_equal(got[:, 1:], want[:, 1:])
+        for s in range(2):
+            own, _ = _find_run(clips, want[s])
+            donor = _find_run(clips, got[s, :1])
+            assert donor is not None and donor[0] != own
+    fresh = ClipWindows(tmp_path, 5, 32, 32, cut_every_step=True)
+    pieces = [fresh.stream_batch(7, step, 2, 6, 1)[0] for step in range(6)]
+    plain_pieces = [plain.stream_batch(7, step, 2, 6, 1)[0] for step in range(6)]
+    np.testing.assert_array_equal(pieces[0], plain_pieces[0])
+    for got in pieces[1:]:
+        assert all(_find_run(clips, s) is not None for s in got)
+    assert any(not np.array_equal(a, b) for a, b in zip(pieces[1:], plain_pieces[1:]))
+    with pytest.raises(ValueError, match="cut_first_frame"):
+        ClipWindows(tmp_path, 5, 32, 32, cut_first_frame=-0.1)
+    # stream_chunks 0: every step a batch of single frames (images) through the first-frame paths
+    images = [plain.stream_batch(7, step, 3, 0, 1) for step in range(3)]
+    assert all(first and v.shape == (3, 1, 32, 32, 3) for v, first in images)
+    assert all(_find_run(clips, v[i]) is not None for v, _ in images for i in range(3))
+    assert not np.array_equal(images[0][0], images[1][0])
+
+
+def test_inflated_time_starts_every_chunk_like_frame_0():
+    """With `inflate_time` a still video encodes to the same latent in every chunk as in frame 0 and decodes to the
+    same frame throughout; the random 3-D init does not (the control)."""
+    config = VAEConfig(dim=4, z_dim=4, dim_mult=(1, 2, 2), num_res_blocks=1, temporal_downsample=(True, True),
+                       latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4, winograd_time_tile=1)
+    frame = np.random.default_rng(0).uniform(-1, 1, (32, 32, 3)).astype(np.float32)
+    video = jnp.asarray(np.broadcast_to(frame, (9, 32, 32, 3))).transpose(3, 0, 1, 2)[None]
+    spread = {}
+    for name in ("random", "inflated"):
+        model = random_vae(config, seed=0)
+        if name == "inflated":
+            inflate_time(model)
+        vae = VAE(model)
+        z = vae.encode(video)
+        out = vae.decode(z)
+        spread[name] = (float(jnp.abs(z - z[:, :, :1]).max()), float(jnp.abs(out - out[:, :, :1]).max()))
+    assert spread["inflated"][0] < 1e-5 and spread["inflated"][1] < 1e-4
+    assert spread["random"][0] > 0.05 and spread["random"][1] > 0.05
 
 
 def test_bad_inputs_are_named(tmp_path, trainer):

@@ -44,7 +44,7 @@ from jax import lax
 from liveavatar_jax.distill import train_state as ts
 from liveavatar_jax.distill.checkpoint import Checkpointer
 from liveavatar_jax.distill.metrics import MetricsLogger
-from liveavatar_jax.models.vae import VAEConfig, WanVAE, random_vae
+from liveavatar_jax.models.vae import CausalConv3d, VAEConfig, WanVAE, random_vae
 
 log = logging.getLogger("liveavatar_jax.train")
 
@@ -67,10 +67,14 @@ def read_clip_frames(path, size: tuple[int, int] | None) -> np.ndarray:
 class ClipWindows:
     """Windows of consecutive frames from every `*.mp4` of a folder, drawn per step."""
 
-    def __init__(self, folder, frames: int, height: int, width: int, max_clips: int = 0, colour_augment: float = 0.0):
-        if not 0.0 <= colour_augment <= 1.0:
-            raise ValueError(f"data.colour_augment must be a fraction in [0, 1], got {colour_augment}")
+    def __init__(self, folder, frames: int, height: int, width: int, max_clips: int = 0, colour_augment: float = 0.0,
+                 cut_first_frame: float = 0.0, cut_every_step: bool = False):
+        for key, value in (("colour_augment", colour_augment), ("cut_first_frame", cut_first_frame)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"data.{key} must be a fraction in [0, 1], got {value}")
         self.colour_augment = colour_augment
+        self.cut_first_frame = cut_first_frame
+        self.cut_every_step = cut_every_step
         folder = Path(folder)
         if not folder.is_dir():
             raise ValueError(f"data.path {folder}: not a folder")
@@ -95,18 +99,26 @@ class ClipWindows:
         A stream is frame 0 and `stream_chunks` chunks of 4 frames from a random clip and start frame; it takes
         `stream_chunks // chunks_per_step` steps, the first of which (`first`) also carries frame 0. A fraction
         `colour_augment` of the streams have their colours transformed (`recolour`), the same way in all their
-        steps. The streams of step s depend only on (seed, s // steps per stream), so a resumed run sees the same
+        steps. A fraction `cut_first_frame` take frame 0 from another clip: trained on whole windows, the chunks
+        borrow frame 0's colours through the caches instead of carrying their own, and lose them once frame 0 leaves
+        the receptive field (docs/tinyworld.md, VAE). With `cut_every_step` each continued step takes its chunks
+        from a new clip and start, the caches carried across the cut. `stream_chunks` 0: single frames (images).
+        The streams of step s depend only on (seed, s // steps per stream), so a resumed run sees the same
         frames."""
-        per_stream = stream_chunks // chunks_per_step
+        per_stream = max(1, stream_chunks // chunks_per_step)    # stream_chunks 0: single frames (images)
         segment, phase = divmod(step, per_stream)
         rng = np.random.default_rng([seed, segment])
         colour_rng = np.random.default_rng([seed, segment, 1])   # its own draws: the same clips with or without
+        cut_rng = np.random.default_rng([seed, segment, 2])
+        if self.cut_every_step and phase:
+            rng = colour_rng = np.random.default_rng([seed, segment, phase, 3])
         length = 1 + 4 * stream_chunks
         lo = 0 if phase == 0 else 1 + 4 * chunks_per_step * phase
-        hi = 1 + 4 * chunks_per_step * (phase + 1)
+        hi = 1 + 4 * min(chunks_per_step * (phase + 1), stream_chunks)
         out = []
         for _ in range(batch_size):
-            clip = self.clips[rng.integers(len(self.clips))]
+            index = rng.integers(len(self.clips))
+            clip = self.clips[index]
             if len(clip) < length:
                 raise ValueError(f"data.stream_chunks={stream_chunks} needs clips of {length} frames, one has "
                                  f"{len(clip)}")
@@ -115,6 +127,13 @@ class ClipWindows:
             draw, angle, saturation = colour_rng.uniform((0.0, -np.pi, 0.6), (1.0, np.pi, 1.4))
             if draw < self.colour_augment:
                 frames = recolour(frames, angle, saturation)
+            cut, other, at, angle, saturation, recoloured = cut_rng.uniform((0, 0, 0, -np.pi, 0.6, 0),
+                                                                             (1, 1, 1, np.pi, 1.4, 1))
+            if phase == 0 and cut < self.cut_first_frame:
+                donor = int(other * (len(self.clips) - 1))
+                donor = self.clips[donor + (donor >= index and len(self.clips) > 1)]
+                first = to_unit(donor[int(at * len(donor))])
+                frames[0] = recolour(first, angle, saturation) if recoloured < self.colour_augment else first
             out.append(frames)
         return np.stack(out), phase == 0
 
@@ -162,6 +181,28 @@ def model_config(config) -> VAEConfig:
     section = dict(config.vae.to_dict() if hasattr(config.vae, "to_dict") else config.vae)
     z_dim = int(section.get("z_dim", VAEConfig.z_dim))
     return VAEConfig.from_config({**section, "latents_mean": (0.0,) * z_dim, "latents_std": (1.0,) * z_dim})
+
+
+def inflate_time(model: WanVAE, rescale: bool = True) -> None:
+    """Start the causal 3-D convolutions as per-frame 2-D ones, in place: each 3x3x3 kernel keeps only its current-frame
+    tap (rescaled to a 3x3 kernel's fan-in when `rescale`, for random weights), and the time resampling convs copy
+    frames (downsampling keeps the later frame of each pair, upsampling repeats each frame).
+
+    Frame 0's path reads only the current-frame taps (the earlier ones see zero padding) and skips the time convs, so
+    after inflating an image-trained VAE (configs/tinyworld_vae_images.py) every chunk decodes its last frame as that
+    VAE decodes an image, colours included, and video training only has to add the motion (docs/tinyworld.md,
+    VAE)."""
+    for path, conv in nnx.iter_graph(model):
+        if not isinstance(conv, CausalConv3d) or conv.taps != 3:
+            continue
+        kernel = conv.kernel[...]
+        kt, kh, kw, ci, co = kernel.shape
+        if "time_conv" in path:
+            copy = jnp.tile(jnp.eye(ci, dtype=kernel.dtype), (1, co // ci))
+            conv.kernel[...] = jnp.zeros_like(kernel).at[-1, 0, 0].set(copy)
+        else:
+            conv.kernel[...] = jnp.zeros_like(kernel).at[-1].set(kernel[-1] * (math.sqrt(kt) if rescale else 1.0))
+        conv.bias[...] = jnp.zeros_like(conv.bias[...])
 
 
 def init_caches(model: WanVAE, batch: int, height: int, width: int) -> dict:
@@ -317,7 +358,9 @@ class VAETrainer:
             raise ValueError(f"data.height/data.width must be multiples of the VAE stride {stride}")
         self.data = data if data is not None else ClipWindows(c.data.path, int(c.data.frames), int(c.data.height),
                                                               int(c.data.width), int(c.data.get("max_clips", 0)),
-                                                              float(c.data.get("colour_augment", 0.0)))
+                                                              float(c.data.get("colour_augment", 0.0)),
+                                                              float(c.data.get("cut_first_frame", 0.0)),
+                                                              bool(c.data.get("cut_every_step", False)))
         self.stream_chunks = int(c.data.stream_chunks)
         self.chunks_per_step = int(c.data.chunks_per_step)
         if self.chunks_per_step < 1 or self.stream_chunks % self.chunks_per_step:
@@ -372,6 +415,11 @@ class VAETrainer:
             # `init_log_var` trains a near-deterministic autoencoder from step 1; the KL term can still widen it.
             bias = model.conv1.bias[...]
             model.conv1.bias[...] = bias.at[self.model_cfg.z_dim:].set(float(self.config.loss.init_log_var))
+        time_init = str(self.config.get("time_init", "keep"))
+        if time_init == "inflated":
+            inflate_time(model, rescale=not init_from)
+        elif time_init != "keep":
+            raise ValueError(f"time_init={time_init!r}: choose 'keep' or 'inflated'")
         params = jax.tree.leaves(nnx.state(model))
         return VAETrainState(step=jnp.zeros((), jnp.int32), params=params, opt=self.tx.init(params),
                              ema=jax.tree.map(jnp.copy, params),
@@ -440,7 +488,8 @@ class VAETrainer:
         metrics_log = MetricsLogger(self.workdir, total, start, log_every=int(c.log_every),
                                     tensorboard=bool(c.tensorboard), headline=("loss", "psnr"))
         b = int(c.data.batch_size)
-        frames = 4 * self.chunks_per_step + self.chunks_per_step / self.stream_chunks   # a step's mean frame count
+        # a step's mean frame count
+        frames = 4 * self.chunks_per_step + self.chunks_per_step / self.stream_chunks if self.stream_chunks else 1
         pixels = b * frames * int(c.data.height) * int(c.data.width)
         t_start = time.perf_counter()
         try:
