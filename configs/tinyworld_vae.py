@@ -1,12 +1,13 @@
-"""The tiny world's VAE, phase 1 of 2: the Wan2.1 causal VAE at width 4 trained from random weights on 9-frame
-windows of tiny-world clips (64x64). Phase 2 (configs/tinyworld_vae_streams.py) continues from this export on long
-streams. Measured in docs/tinyworld.md (VAE): after both phases, an unseen clip's round trip follows the speech
-(sync 0.81); after this phase alone it decays past the window (sync 0.37).
+"""The tiny world's VAE, phase 2 of 2: configs/tinyworld_vae_images.py's export (the Wan2.1 causal VAE at width 4
+trained on single frames) inflated in time and trained on 9-frame windows of tiny-world clips (64x64), each window's
+frame 0 taken from another clip so that the chunks carry their own colours. Measured in docs/tinyworld.md (VAE,
+"Images first, then windows that can't borrow"): the round trip keeps the colours of unseen clips as well at frame
+121 as in the first window (background CIEDE2000 7.5, 21.4 dB), where the two-phase VAE before drifted to 14-25.
 
-python -m liveavatar_jax.tinyworld clips --count 48 --seconds 8 --out TW/clips
-python -m train.vae --config configs/tinyworld_vae.py --workdir TW/vae_windows --config.data.path=TW/clips
-python -m train.vae --config configs/tinyworld_vae_streams.py --workdir TW/vae --config.data.path=TW/clips \
-    --config.init_from=TW/vae_windows/vae.safetensors
+python -m liveavatar_jax.tinyworld clips --count 192 --seconds 8 --out TW/clips
+python -m train.vae --config configs/tinyworld_vae_images.py --workdir TW/vae_images --config.data.path=TW/clips
+python -m train.vae --config configs/tinyworld_vae.py --workdir TW/vae --config.data.path=TW/clips \
+    --config.init_from=TW/vae_images/vae.safetensors
 
 Writes WORKDIR/vae.safetensors (official Wan key names, float16, its latent statistics in the metadata).
 The architecture is configs/tiny.py's `vae` section (the embedded default loads this file with it).
@@ -22,8 +23,7 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.init_from = ""        # an exported vae.safetensors to start from (a second phase), else random weights
-    # 2,500 steps of a cosine laid out over 5,000: the measured run was stopped there (docs/tinyworld.md, VAE)
-    c.total_steps = 2500
+    c.total_steps = 1500
     c.checkpoint_every = 250
     c.keep_checkpoints = 2
     c.async_checkpointing = True
@@ -33,19 +33,19 @@ def get_config():
     c.attention_impl = "xla"
     c.vae = dict(tiny.get_config().vae)
     # Training on streams: `batch_size` streams of frame 0 + `stream_chunks` 4-frame chunks, `chunks_per_step` chunks
-    # a step with the encoder's and decoder's caches carried from step to step (no gradient through them), so that
-    # training meets the cache states of a long stream. Here (stream_chunks = chunks_per_step = 2) one fresh 9-frame
-    # window a step: from random weights windows learn faster than streams (10-12 dB after 150 stream steps), but
-    # alone they decay past the window in long streams, which phase 2 fixes.
-    # `frames`: the windows the latent statistics are measured on at export. `max_clips` 48: the first 48 clips
-    # (seeds 0-47, the embedded default's VAE); the recipe's 192 clips are for the DiT. Trained on all 192 at the same
-    # steps, the VAE's round trip of unseen clips was worse (sync 0.54, drift 25 against 0.75, 14; docs/tinyworld.md).
-    # `colour_augment`: the fraction of streams recoloured (chroma turned and scaled, `vae_trainer.recolour`)
-    c.data = dict(path="", frames=9, height=64, width=64, batch_size=2, max_clips=48, stream_chunks=2,
-                  chunks_per_step=2, colour_augment=0.0)
-    c.optimizer = defaults.optimizer(3e-3, b1=0.9, b2=0.99, weight_decay=1e-4, clip_norm=1.0)
-    c.optimizer.final_lr_fraction = 0.05
-    c.optimizer.decay_steps = 5000
+    # a step with the encoder's and decoder's caches carried from step to step (no gradient through them); here
+    # (stream_chunks = chunks_per_step = 2) one fresh 9-frame window a step (stream_chunks 0: single frames, as
+    # configs/tinyworld_vae_images.py). `frames`: the windows the latent statistics are measured on at export.
+    # `max_clips` 0: every clip (the recipe's 192 faces; 48 before, when more faces made the colours worse, not
+    # better, without the augmentation). `colour_augment`: the fraction of streams recoloured (chroma turned and
+    # scaled, `vae_trainer.recolour`), so that unseen colours pass through. `cut_first_frame`: the fraction of
+    # streams whose frame 0 comes from another clip; without it the chunks borrow frame 0's colours through the caches
+    # and lose them once frame 0 leaves the receptive field (~30 latent frames), past the trained window.
+    # `cut_every_step`: each continued step of a stream from a new clip (tried with carried caches; not used).
+    c.data = dict(path="", frames=9, height=64, width=64, batch_size=2, max_clips=0, stream_chunks=2,
+                  chunks_per_step=2, colour_augment=0.5, cut_first_frame=1.0, cut_every_step=False)
+    c.optimizer = defaults.optimizer(1e-3, b1=0.9, b2=0.99, weight_decay=1e-4, clip_norm=1.0)
+    c.optimizer.final_lr_fraction = 0.1
     # kl_weight 1e-6: on long streams 1e-4 walked the log-variance up to 0 within ~200 steps (posterior collapse);
     # 1e-6 keeps the posterior narrow (KL ~2-4). mouth_weight: without it the mouth is the last thing learned (a
     # 300-step overfit of one clip draws a face with no mouth; with weight 10 the mouth is there by step 300).
@@ -53,6 +53,9 @@ def get_config():
     # colour_weight: x the L1 of the mean colours of colour_pool-pixel tiles (off here; configs/tinyworld_vae_colour.py)
     c.loss = dict(kl_weight=1e-6, init_log_var=-8.0, mouth_weight=4.0, mouth_box=(0.5, 0.9, 0.3, 0.7),
                   colour_weight=0.0, colour_pool=8)
+    # "inflated": the causal 3-D convs of `init_from` (or of the random init) start per-frame and the time resampling
+    # copies frames (`vae_trainer.inflate_time`), so the chunks start out decoding as frame 0 does; "keep": as loaded
+    c.time_init = "inflated"
     c.trainable = "all"     # or "decoder": the encoder and its moments conv frozen, the latents unchanged
     c.ema = dict(decay=0.99)
     c.export = True

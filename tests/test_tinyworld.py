@@ -230,7 +230,7 @@ def test_recipe_vae_flag_uses_the_given_vae_instead_of_training_one(tmp_path, ca
     run = tmp_path / "run"
     assert tinyworld_main(["recipe", "--out", str(run), "--stages", "vae", "--vae", str(vae)]) == 0
     assert (run / "vae" / "vae.safetensors").read_bytes() == vae.read_bytes()
-    assert not (run / "vae_windows").exists()
+    assert not (run / "vae_images").exists()
     recorded = json.loads((run / "recipe.json").read_text())["stages"]["vae"]
     assert recorded["copied_from"] == str(vae.resolve()) and len(recorded["sha256"]) == 64
     missing = tmp_path / "nope.safetensors"

@@ -5,8 +5,8 @@ Stages (each one a subprocess running the command a user would type; its output 
 stage whose outputs exist is skipped, so a killed recipe resumes where it stopped):
 
   clips      python -m liveavatar_jax.tinyworld clips        procedural clips (faces, speech, the mouth law)
-  vae        python -m train.vae (two phases)                configs/tinyworld_vae.py (windows), then
-                                                             configs/tinyworld_vae_streams.py (streams); or
+  vae        python -m train.vae (two phases)                configs/tinyworld_vae_images.py (single frames),
+                                                             then configs/tinyworld_vae.py (windows); or
                                                              `--vae FILE` copies a trained one
   data       python -m train.preprocess --tiny_vae           latents, spectral audio features, prompt embedding
   teacher    python -m train.pretrain                        configs/tinyworld_teacher.py (bidirectional)
@@ -134,9 +134,9 @@ class Recipe:
         self._record("clips", seconds=round(seconds, 1), clips=self.clips, clip_seconds=self.seconds)
 
     def stage_vae(self):
-        """Two phases (docs/tinyworld.md, VAE): 9-frame windows from random weights, then long streams with carried
-        caches from the windows' export; the second removes the late-frame decay, and with it the mouth survives
-        whole clips."""
+        """Two phases (docs/tinyworld.md, VAE): single frames from random weights, then that export inflated in time
+        and trained on 9-frame windows whose frame 0 comes from another clip; the chunks then carry their own
+        colours, and a stream keeps them past the window."""
         if (self.run / "vae" / "vae.safetensors").is_file():
             self.log(f"[vae] {self.run / 'vae' / 'vae.safetensors'} exists: skipped")   # phase 1 is not needed again
             return
@@ -145,11 +145,11 @@ class Recipe:
             shutil.copyfile(self.vae_from, self.run / "vae" / "vae.safetensors")
             self._record("vae", copied_from=str(self.vae_from.resolve()), sha256=_sha256(self.vae_from))
             return
-        windows = self.run / "vae_windows"
-        self._train("vae_windows", "train.vae", "tinyworld_vae.py", windows, "vae.safetensors", [],
+        images = self.run / "vae_images"
+        self._train("vae_images", "train.vae", "tinyworld_vae_images.py", images, "vae.safetensors", [],
                     data=self.clips_dir)
-        self._train("vae", "train.vae", "tinyworld_vae_streams.py", self.run / "vae", "vae.safetensors",
-                    [f"--config.init_from={windows / 'vae.safetensors'}"], data=self.clips_dir)
+        self._train("vae", "train.vae", "tinyworld_vae.py", self.run / "vae", "vae.safetensors",
+                    [f"--config.init_from={images / 'vae.safetensors'}"], data=self.clips_dir)
 
     def stage_data(self):
         from configs import tinyworld_teacher
