@@ -38,7 +38,7 @@ def main():
     from benchmarks.common import REPO, record
     from liveavatar_jax.parallel.tpp import TPPEngine, profile_stages
     from liveavatar_jax.pipeline import Pipeline
-    from liveavatar_jax.streaming.engine import StreamContext, StreamEngine
+    from liveavatar_jax.streaming.engine import StreamEngine
 
     spec = importlib.util.spec_from_file_location("tiny", REPO / "configs" / "tiny.py")
     mod = importlib.util.module_from_spec(spec)
