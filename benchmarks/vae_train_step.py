@@ -1,10 +1,11 @@
 """python -m benchmarks.vae_train_step: one optimizer step of the tiny world's VAE training, the recipe's largest stage.
 
-The compiled step of `train.vae --config configs/tinyworld_vae.py` (phase 1: 2 fresh windows of 9 frames at 64x64,
-width 4, loss, AdamW and EMA), random weights and frames, float32, 2 CPU threads; the median of 20 steps after 3
-warm-ups, printed as `median_s`. `--config` times another VAE config (e.g. configs/tinyworld_vae_streams.py, whose
-continued steps carry the caches). `--xla_conv_gradients` times XLA's own convolution gradients in place of the
-CPU path's patches matmul (`models.vae._conv2d_patch_grad`), the comparison the change was measured by.
+The compiled step of `train.vae --config configs/tinyworld_vae.py` (the windows phase: 2 fresh windows of 9 frames at
+64x64, width 4, loss, AdamW and EMA), random weights and frames, float32, 2 CPU threads; the median of 20 steps after 3
+warm-ups, printed as `median_s`. `--config` times another VAE config (configs/tinyworld_vae_images.py, 8 single
+frames a step; configs/tinyworld_vae_streams.py, whose continued steps carry the caches). `--xla_conv_gradients` times
+XLA's own convolution gradients in place of the CPU path's patches matmul (`models.vae._conv2d_patch_grad`), the
+comparison the change was measured by.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def main():
     with tempfile.TemporaryDirectory() as workdir:
         trainer = VAETrainer(config, workdir, data=object())    # frames come from here, not from clips
         state = trainer.initial_state()
-        first = int(d.chunks_per_step) == int(d.stream_chunks)  # windows: every step starts its streams
-        frames = 4 * int(d.chunks_per_step) + (1 if first else 0)
+        images = int(d.stream_chunks) == 0
+        first = images or int(d.chunks_per_step) == int(d.stream_chunks)  # windows: every step starts its streams
+        frames = 1 if images else 4 * int(d.chunks_per_step) + (1 if first else 0)
         video = jax.random.uniform(jax.random.key(1), (int(d.batch_size), frames, int(d.height), int(d.width), 3),
                                    minval=-1.0, maxval=1.0)
         step = trainer.step_fns[first]
