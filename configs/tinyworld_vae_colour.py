@@ -1,9 +1,10 @@
-"""The tiny world's VAE, phase 3: the decoder of phase 2's export (configs/tinyworld_vae_streams.py) fine-tuned on
-streams with a colour term, the encoder frozen. The latents are unchanged, so a DiT trained on phase 2's latents
-stays valid; only the pixels they decode to change (docs/tinyworld.md, VAE).
+"""A colour phase for the tiny world's VAE (measured, not in the recipe): the decoder of a streams export
+(configs/tinyworld_vae_streams.py) fine-tuned on streams with a colour term, the encoder frozen. The latents are
+unchanged, so a DiT trained on that export's latents stays valid; only the pixels they decode to change
+(docs/tinyworld.md, VAE).
 
 python -m train.vae --config configs/tinyworld_vae_colour.py --workdir TW/vae_colour --config.data.path=TW/clips \
-    --config.init_from=TW/vae/vae.safetensors
+    --config.init_from=TW/vae_streams/vae.safetensors
 """
 
 from configs import tinyworld_vae_streams
