@@ -6,9 +6,12 @@ Data. Every `*.mp4` of `data.path` is decoded once into uint8 frames held in mem
 step with the encoder's and decoder's caches carried from step to step in the train state (no gradient through
 them: truncated backpropagation). A stream's first step also carries frame 0 through the first-frame paths, so both
 programs of the causal VAE are trained, and the later steps meet the cache states of long streams (one-window
-training decays past the window: the caches reach states it never saw). The frames of step s come from numpy's
-generator seeded with (seed, s // steps per stream), and the caches are checkpointed, so a resumed run sees exactly
-what an uninterrupted one does.
+training decays past the window: the caches reach states it never saw). `stream_chunks` 0 trains on single frames
+(images); `data.cut_first_frame` takes frame 0 from another clip, so that the chunks cannot borrow its colours; and
+`time_init = "inflated"` starts the time axis of the init per-frame (`inflate_time`). The tiny world's recipe uses
+those three instead of long streams (configs/tinyworld_vae_images.py, configs/tinyworld_vae.py). The frames of step
+s come from numpy's generator seeded with (seed, s // steps per stream), and the caches are checkpointed, so a
+resumed run sees exactly what an uninterrupted one does.
 
 Loss. L1 + MSE between the decoded sample and the input (pixel weights: `loss.mouth_weight` inside
 `loss.mouth_box`, a box in fractions of the frame around the tiny world's mouth, 1 elsewhere) + `loss.kl_weight` x the
