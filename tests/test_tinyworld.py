@@ -224,7 +224,7 @@ def test_dataset_cli_builds_training_examples_through_preprocess(tmp_path):
 
 def test_recipe_vae_flag_uses_the_given_vae_instead_of_training_one(tmp_path, capsys):
     """`recipe --vae FILE`: the vae stage copies the file (no training) and records where it came from; a missing
-    file is refused before any stage runs."""
+    file, or a run that already holds a different VAE, is refused before any stage runs."""
     vae = tmp_path / "trained_vae.safetensors"
     vae.write_bytes(b"stand-in bytes: the stage copies, it does not load")
     run = tmp_path / "run"
@@ -233,6 +233,12 @@ def test_recipe_vae_flag_uses_the_given_vae_instead_of_training_one(tmp_path, ca
     assert not (run / "vae_images").exists()
     recorded = json.loads((run / "recipe.json").read_text())["stages"]["vae"]
     assert recorded["copied_from"] == str(vae.resolve()) and len(recorded["sha256"]) == 64
+    assert tinyworld_main(["recipe", "--out", str(run), "--stages", "vae", "--vae", str(vae)]) == 0   # same file
+    other = tmp_path / "other_vae.safetensors"
+    other.write_bytes(b"another VAE")
+    assert tinyworld_main(["recipe", "--out", str(run), "--stages", "vae", "--vae", str(other)]) == 2
+    assert "different VAE" in capsys.readouterr().err
+    assert (run / "vae" / "vae.safetensors").read_bytes() == vae.read_bytes()
     missing = tmp_path / "nope.safetensors"
     assert tinyworld_main(["recipe", "--out", str(tmp_path / "run2"), "--vae", str(missing)]) == 2
     assert str(missing) in capsys.readouterr().err

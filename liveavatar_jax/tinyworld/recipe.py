@@ -65,6 +65,11 @@ class Recipe:
         self.vae_from = None if vae_from is None else Path(vae_from)
         if self.vae_from is not None and not self.vae_from.is_file():
             raise ValueError(f"--vae {self.vae_from}: no such file")
+        present = self.run / "vae" / "vae.safetensors"
+        if self.vae_from is not None and present.is_file() and _sha256(present) != _sha256(self.vae_from):
+            # the run's data and DiT stages were made on the VAE it has; mixing in another would be silent
+            raise ValueError(f"--vae {self.vae_from}: {present} already exists and is a different VAE (its data and "
+                             "DiT stages were made on it); name a new --out")
         self.clips, self.seconds = clips, seconds
         self.eval_clips, self.eval_seconds = eval_clips, eval_seconds
         self.overrides = overrides or {}
