@@ -3,7 +3,7 @@ trained on single frames) inflated in time and trained on 9-frame windows of tin
 frame 0 taken from another clip so that the chunks carry their own colours. Measured in docs/tinyworld.md (VAE,
 "Images first, then windows that can't borrow"): the round trip keeps the colours of unseen clips as well at frame
 121 as in the first window, where the two-phase VAE before drifted to 14-25; 3,000 steps (against 1,500) bring the
-unseen background to CIEDE2000 1.5 (7.0 at 1,500) and the PSNR to 23.3 dB (20.9).
+unseen background to CIEDE2000 1.5 (6.9 at 1,500) and the PSNR to 23.3 dB (20.9).
 
 python -m liveavatar_jax.tinyworld clips --count 192 --seconds 8 --out TW/clips
 python -m train.vae --config configs/tinyworld_vae_images.py --workdir TW/vae_images --config.data.path=TW/clips
