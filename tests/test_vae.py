@@ -59,7 +59,9 @@ def test_stream_in_other_chunks_equals_one_decode(fixture_dir, tiny_vae):
         start += n
     streamed = np.concatenate(pieces, axis=1)
     assert streamed.shape == full.shape == (3, 37, 32, 32)
-    assert rel_l2(streamed, full) < 1e-6
+    # float32 sums in another order (other chunk shapes): 2.3e-6 measured on one CPU, below 1e-6 on another; a
+    # wrong cache shows as errors orders of magnitude larger
+    assert rel_l2(streamed, full) < 1e-5
 
 
 def test_streamed_blocks_reuse_one_compiled_decoder():
