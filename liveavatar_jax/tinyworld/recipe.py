@@ -65,11 +65,11 @@ class Recipe:
         self.vae_from = None if vae_from is None else Path(vae_from)
         if self.vae_from is not None and not self.vae_from.is_file():
             raise ValueError(f"--vae {self.vae_from}: no such file")
-        present = self.run / "vae" / "vae.safetensors"
-        if self.vae_from is not None and present.is_file() and _sha256(present) != _sha256(self.vae_from):
+        if (self.vae_from is not None and self.vae_file.is_file()
+                and _sha256(self.vae_file) != _sha256(self.vae_from)):
             # the run's data and DiT stages were made on the VAE it has; mixing in another would be silent
-            raise ValueError(f"--vae {self.vae_from}: {present} already exists and is a different VAE (its data and "
-                             "DiT stages were made on it); name a new --out")
+            raise ValueError(f"--vae {self.vae_from}: {self.vae_file} already exists and is a different VAE (its data "
+                             "and DiT stages were made on it); name a new --out")
         self.clips, self.seconds = clips, seconds
         self.eval_clips, self.eval_seconds = eval_clips, eval_seconds
         self.overrides = overrides or {}
@@ -122,6 +122,10 @@ class Recipe:
         return self.run / "clips"
 
     @property
+    def vae_file(self) -> Path:
+        return self.run / "vae" / "vae.safetensors"
+
+    @property
     def data_dir(self) -> Path:
         return self.run / "data"
 
@@ -142,18 +146,18 @@ class Recipe:
         """Two phases (docs/tinyworld.md, VAE): single frames from random weights, then that export inflated in time
         and trained on 9-frame windows whose frame 0 comes from another clip; the chunks then carry their own
         colours, and a stream keeps them past the window."""
-        if (self.run / "vae" / "vae.safetensors").is_file():
-            self.log(f"[vae] {self.run / 'vae' / 'vae.safetensors'} exists: skipped")   # phase 1 is not needed again
+        if self.vae_file.is_file():
+            self.log(f"[vae] {self.vae_file} exists: skipped")   # phase 1 is not needed again
             return
         if self.vae_from is not None:
-            (self.run / "vae").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(self.vae_from, self.run / "vae" / "vae.safetensors")
+            self.vae_file.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.vae_from, self.vae_file)
             self._record("vae", copied_from=str(self.vae_from.resolve()), sha256=_sha256(self.vae_from))
             return
         images = self.run / "vae_images"
         self._train("vae_images", "train.vae", "tinyworld_vae_images.py", images, "vae.safetensors", [],
                     data=self.clips_dir)
-        self._train("vae", "train.vae", "tinyworld_vae.py", self.run / "vae", "vae.safetensors",
+        self._train("vae", "train.vae", "tinyworld_vae.py", self.vae_file.parent, self.vae_file.name,
                     [f"--config.init_from={images / 'vae.safetensors'}"], data=self.clips_dir)
 
     def stage_data(self):
@@ -163,7 +167,7 @@ class Recipe:
             return
         seconds = self._command("data", [
             "train.preprocess", "--videos", str(self.clips_dir), "--out", str(self.data_dir),
-            "--tiny_vae", str(self.run / "vae" / "vae.safetensors"), "--frames", str(tinyworld_teacher.FRAMES),
+            "--tiny_vae", str(self.vae_file), "--frames", str(tinyworld_teacher.FRAMES),
             "--height", "64", "--width", "64", "--fps", "25", "--text_len", "32", "--prompt", PROMPT])
         index = json.loads((self.data_dir / "index.json").read_text())
         self._record("data", seconds=round(seconds, 1), examples=len(index["examples"]))
@@ -187,7 +191,7 @@ class Recipe:
 
         self.weights_dir.mkdir(parents=True, exist_ok=True)
         sources = {TRAINED_DIT: self.run / "distill" / "student_dit_ema.safetensors",
-                   TRAINED_VAE: self.run / "vae" / "vae.safetensors",
+                   TRAINED_VAE: self.vae_file,
                    "teacher.safetensors": self.run / "teacher" / "dit_ema.safetensors"}
         files = {}
         for name, src in sources.items():
