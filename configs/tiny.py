@@ -40,6 +40,10 @@ def get_config():
     # latent as the sink is unlike any reference the DiT was trained on, and the mouth follows the audio less
     # (unseen-speech sync of the committed student 0.51 with it, 0.64 without; Stage 1's 0.15 and 0.41:
     # docs/tinyworld.md). The rolling RoPE half of RSFM stays on.
-    c.stream = dict(steps=4, shift=3.0, frames_per_block=3, ring_blocks=4, sink_replace_block=None,
+    # ring_blocks=2: every stage of the tiny world trains on 6-latent-frame clips (tinyworld_teacher.FRAMES), two
+    # blocks, so no block ever attended to more than one block before it; a ring of 4 shows the student contexts it
+    # never trained on, and its colours move further (unseen-speech drift 5.7 with 4, 5.2 with 2, sync 0.64 both;
+    # docs/tinyworld.md, "Where the colours move"). Stage 2's rollout follows it and trains exactly as with 4.
+    c.stream = dict(steps=4, shift=3.0, frames_per_block=3, ring_blocks=2, sink_replace_block=None,
                     rolling_sink=True, relative_dist=(4, 30), prime_latents=7, drop_first_frames=0)
     return c

@@ -102,6 +102,66 @@ def test_critic_regression_loss_falls_on_a_fixed_batch(trainer, batch):
     assert losses[-1] < losses[0], losses
 
 
+def test_the_anchor_reads_the_real_clip_and_its_gradient_descends_stage_1s_loss(trainer, batch):
+    """distill.anchor: with weight 0 the run reads no real latents and the generator's gradient is DMD's alone; with
+    weight w the real clip is read and w x the flow-matching gradient is added, in the direction that lowers Stage 1's
+    loss on that clip (a sign or scale slip makes the step raise it, or move by the wrong amount)."""
+    from types import SimpleNamespace
+
+    def reads(weight):
+        c = override(tiny_config("unused"), {"distill.anchor.weight": weight})
+        return DistillTrainer.fields.fget(SimpleNamespace(config=c))
+
+    assert "latents" not in reads(0.0) and "latents" in reads(0.5)
+    assert "latents" not in batch
+
+    gen = trainer.state.gen
+    video_shape = batch["ref_latents"].shape[:2] + (trainer.rcfg.num_frames,) + batch["ref_latents"].shape[3:]
+    real = dict(batch, latents=jax.random.normal(jax.random.key(3), video_shape, jnp.float32))
+    pcfg = steps.anchor_pretrain_config(trainer.rcfg, trainer.config.distill.anchor)
+    assert (pcfg.causal, pcfg.frames_per_block, pcfg.relative_dist) == (True, 3, tuple(trainer.rcfg.relative_dist))
+    key = jax.random.key(5)
+    dmd = jax.tree.map(lambda x: jnp.full_like(x, 0.25), gen)
+    anchored = jax.jit(lambda g, w, d: steps.anchored_grads(trainer.networks, pcfg, w, g, trainer.base, real, key, d))
+    loss_at = jax.jit(lambda g: steps.pretrain_loss(trainer.networks, g, trainer.base, real, key, pcfg)[0])
+
+    loss, same = anchored(gen, 0.0, dmd)
+    for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(dmd)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    zero = jax.tree.map(jnp.zeros_like, gen)
+    _, g1 = anchored(gen, 1.0, zero)
+    _, g2 = anchored(gen, 2.0, dmd)
+    for a, b, d in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), jax.tree.leaves(dmd)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(d + 2 * a), rtol=1e-5, atol=1e-7)
+    norm = float(jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(g1))))
+    assert norm > 0 and float(loss) == pytest.approx(float(loss_at(gen)), rel=1e-6)
+    stepped = jax.tree.map(lambda p, d: p - 1e-2 / norm * d, gen, g1)
+    assert float(loss_at(stepped)) < float(loss)
+
+
+def test_null_text_prompt_guides_on_the_audio_alone(trainer, batch):
+    """dmd.null_text="prompt": the null branch differs from the conditional one only by its zero audio, so on silent
+    audio the guided x0 is the conditional x0 whatever the guidance; the official null branch (negative prompt) is
+    not. An unknown value is refused by name."""
+    import dataclasses
+
+    silent = dict(steps.conditions(batch), audio=jnp.zeros_like(batch["audio"]))
+    video = trainer.rollout_fn(trainer.state.gen, trainer.base, batch,
+                               trainer.plan_fn(batch, trainer.state.rng, trainer.state.step, 0)).video
+    t, sigma, _, x_t = steps._score_inputs(video, jax.random.key(2), trainer.dcfg)
+
+    def guided(null_text, guidance):
+        cfg = dataclasses.replace(trainer.dcfg, null_text=null_text, guidance=guidance)
+        return np.asarray(jax.jit(lambda: steps.teacher_x0(trainer.networks, trainer.base, x_t, t, sigma, silent,
+                                                         trainer.negative_text, cfg))())
+
+    conditional = guided("prompt", 0.0)
+    np.testing.assert_allclose(guided("prompt", 3.0), conditional, rtol=1e-5, atol=1e-5)
+    assert np.max(np.abs(guided("negative", 3.0) - conditional)) > 1e-3
+    with pytest.raises(ValueError, match="null_text 'none'"):
+        guided("none", 3.0)
+
+
 def _changed(a, b):
     return jax.tree.map(lambda x, y: bool(jnp.any(x != y)), a, b)
 

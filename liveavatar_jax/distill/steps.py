@@ -35,6 +35,7 @@ from liveavatar_jax.models import dit_sequence
 # random streams of one step
 _S_NOISE, _S_TIME, _S_MOTION, _S_DROP, _S_ROPE, _S_PLAN, _S_DMD_T, _S_DMD_EPS = range(8)
 CRITIC_STREAM = 100                 # key stream of the critic's iteration (the generator's is 0)
+ANCHOR_STREAM = 200                 # key stream of the generator's flow-matching anchor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +68,8 @@ class DMDConfig:
     min_t: float = 20.0
     max_t: float = 980.0
     gradient: str = "blockwise"         # "blockwise" (per-block VJPs, memory of one block) or "full" (one grad)
+    null_text: str = "negative"         # the null branch's text: "negative" (the negative prompt, as the official)
+                                        # or "prompt" (the sample's own text: guidance on the audio alone)
     ema_decay: float = 0.99
     ema_start: int = 0
     remat: str = "none"                 # teacher / critic forwards
@@ -174,9 +177,15 @@ def _bidirectional(model, x_t, t, cond, cfg):
 
 
 def teacher_x0(networks: Networks, base, x_t, t, sigma, cond, negative_text, cfg: DMDConfig):
-    """Frozen teacher with classifier-free guidance; the null branch has the negative prompt and zero audio."""
+    """Frozen teacher with classifier-free guidance; the null branch has zero audio and the negative prompt (or, with
+    `null_text="prompt"`, the sample's own text, for a teacher that never trained without it)."""
     b = x_t.shape[0]
-    neg = jnp.broadcast_to(negative_text, cond["text"].shape).astype(cond["text"].dtype)
+    if cfg.null_text == "prompt":
+        neg = cond["text"]
+    elif cfg.null_text == "negative":
+        neg = jnp.broadcast_to(negative_text, cond["text"].shape).astype(cond["text"].dtype)
+    else:
+        raise ValueError(f"unknown dmd.null_text {cfg.null_text!r} (negative or prompt)")
     both = {"text": jnp.concatenate([cond["text"], neg]),
             "audio": jnp.concatenate([cond["audio"], jnp.zeros_like(cond["audio"])]),
             "ref_latents": jnp.concatenate([cond["ref_latents"]] * 2),
@@ -228,6 +237,23 @@ def generator_grads(networks: Networks, rcfg: RolloutConfig, cfg: DMDConfig, gen
             return losses.dmd_surrogate(video, direction)
         return jax.value_and_grad(loss_fn)(gen)
     raise ValueError(f"unknown generator gradient mode {cfg.gradient!r} (blockwise or full)")
+
+
+def anchor_pretrain_config(rcfg: RolloutConfig, anchor: Mapping) -> PretrainConfig:
+    """Stage 1's diffusion forcing as the student rolls out (its blocks, rolling sink and distances), with the
+    noise schedule, motion scaffold and audio dropout of `anchor` (the `distill.anchor` config)."""
+    return PretrainConfig(causal=True, frames_per_block=rcfg.frames_per_block, shift=float(anchor["shift"]),
+                          motion_noise=bool(anchor["motion_noise"]), drop_audio=float(anchor["drop_audio"]),
+                          rolling_sink=rcfg.rolling_sink, relative_dist=tuple(rcfg.relative_dist),
+                          remat=rcfg.remat, attention_impl=rcfg.attention_impl)
+
+
+def anchored_grads(networks: Networks, pcfg: PretrainConfig, weight: float, gen, base, batch: Mapping, key,
+                   dmd_grads):
+    """`dmd_grads` + `weight` x the gradient of Stage 1's flow-matching loss on the batch's real clip: an anchor to
+    the data against what DMD alone drifts away from (the tiny world's chroma, docs/tinyworld.md). (loss, grads)."""
+    loss, grads = jax.value_and_grad(lambda g: pretrain_loss(networks, g, base, batch, key, pcfg)[0])(gen)
+    return loss, jax.tree.map(lambda d, r: d + weight * r.astype(d.dtype), dmd_grads, grads)
 
 
 def generator_apply(cfg: DMDConfig, tx: optax.GradientTransformation, state: DistillState, grads, loss,

@@ -391,8 +391,14 @@ def load_student_init(path: str, item: str, networks: Networks, shardings, lora_
 class DistillTrainer(_Trainer):
     stage = "distill"
     item_names = ("gen", "critic", "ema", "gen_opt", "critic_opt")
-    fields = tuple(f for f in FIELDS if f != "latents")
     headline = ("loss", "dmd_loss")
+
+    @property
+    def fields(self):
+        """The real clip's latents are read only for the flow-matching anchor."""
+        if float(self.config.distill.anchor.weight) > 0:
+            return FIELDS
+        return tuple(f for f in FIELDS if f != "latents")
 
     def select_fields(self, arrays: dict) -> dict:
         """The student, teacher and critic all see `distill.motion`'s motion latents: "static" (the reference image
@@ -460,6 +466,15 @@ class DistillTrainer(_Trainer):
         self.generator_apply_fn = jax.jit(partial(steps_lib.generator_apply, dcfg, self.tx_gen),
                                           out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
         self.critic_fn = jax.jit(critic_fn, out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+        self.anchor_weight = float(d.anchor.weight)
+        if self.anchor_weight > 0:
+            pcfg = steps_lib.anchor_pretrain_config(rcfg, d.anchor)
+
+            def anchor_fn(gen, base, batch, rng, step, dmd_grads):
+                return steps_lib.anchored_grads(net, pcfg, self.anchor_weight, gen, base, batch,
+                                                ts.step_key(rng, step, steps_lib.ANCHOR_STREAM), dmd_grads)
+
+            self.anchor_fn = jax.jit(anchor_fn, out_shardings=(rep, self.lora_shardings), donate_argnums=(5,))
 
     def exports(self, state):
         k = self.kind
@@ -471,6 +486,8 @@ class DistillTrainer(_Trainer):
         direction, aux = self.direction_fn(state.critic, self.base, batch, result.video, state.rng, state.step,
                                            self.negative_text)
         loss, grads = self.generator_grads_fn(state.gen, self.base, batch, plan, result, direction)
+        if self.anchor_weight > 0:
+            aux["anchor_loss"], grads = self.anchor_fn(state.gen, self.base, batch, state.rng, state.step, grads)
         state, metrics = self.generator_apply_fn(state, grads, loss, plan)
         return state, {**metrics, **aux}
 
@@ -490,6 +507,8 @@ class DistillTrainer(_Trainer):
             row.update({"dmd_loss": gm["loss"], "gen/grad_norm": gm["grad_norm"],
                         "gen/update_norm": gm["update_norm"], "gen/exit_step": gm["exit_step"],
                         "gen/dmd_t": gm["dmd_t"]})
+            if "anchor_loss" in gm:
+                row["gen/anchor_loss"] = gm["anchor_loss"]
             tokens += video_tokens
         batch, ids = self.next_batch()
         state, cm = self.critic_iteration(state, batch)
