@@ -251,7 +251,8 @@ def anchor_pretrain_config(rcfg: RolloutConfig, anchor: Mapping) -> PretrainConf
 def anchored_grads(networks: Networks, pcfg: PretrainConfig, weight: float, gen, base, batch: Mapping, key,
                    dmd_grads):
     """`dmd_grads` + `weight` x the gradient of Stage 1's flow-matching loss on the batch's real clip: an anchor to
-    the data against what DMD alone drifts away from (the tiny world's chroma, docs/tinyworld.md). (loss, grads)."""
+    the data against what DMD alone drifts away from. (loss, grads). In the tiny world it brought the colours back
+    to Stage 1's and the sync below it (docs/tinyworld.md, "Where the colours move"), so it is off by default."""
     loss, grads = jax.value_and_grad(lambda g: pretrain_loss(networks, g, base, batch, key, pcfg)[0])(gen)
     return loss, jax.tree.map(lambda d, r: d + weight * r.astype(d.dtype), dmd_grads, grads)
 
