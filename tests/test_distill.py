@@ -106,11 +106,11 @@ def test_the_anchor_reads_the_real_clip_and_its_gradient_descends_stage_1s_loss(
     """distill.anchor: with weight 0 the run reads no real latents and the generator's gradient is DMD's alone; with
     weight w the real clip is read and w x the flow-matching gradient is added, in the direction that lowers Stage 1's
     loss on that clip (a sign or scale slip makes the step raise it, or move by the wrong amount)."""
-    from types import SimpleNamespace
-
     def reads(weight):
         c = override(tiny_config("unused"), {"distill.anchor.weight": weight})
-        return DistillTrainer.fields.fget(SimpleNamespace(config=c))
+        probe = DistillTrainer.__new__(DistillTrainer)      # only the config: the properties read nothing else
+        probe.config = c
+        return probe.fields
 
     assert "latents" not in reads(0.0) and "latents" in reads(0.5)
     assert "latents" not in batch

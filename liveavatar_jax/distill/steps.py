@@ -75,6 +75,10 @@ class DMDConfig:
     remat: str = "none"                 # teacher / critic forwards
     attention_impl: str | None = None
 
+    def __post_init__(self):
+        if self.null_text not in ("negative", "prompt"):
+            raise ValueError(f"unknown dmd.null_text {self.null_text!r} (negative or prompt)")
+
     @classmethod
     def from_dict(cls, d: Mapping) -> "DMDConfig":
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
@@ -182,10 +186,8 @@ def teacher_x0(networks: Networks, base, x_t, t, sigma, cond, negative_text, cfg
     b = x_t.shape[0]
     if cfg.null_text == "prompt":
         neg = cond["text"]
-    elif cfg.null_text == "negative":
-        neg = jnp.broadcast_to(negative_text, cond["text"].shape).astype(cond["text"].dtype)
     else:
-        raise ValueError(f"unknown dmd.null_text {cfg.null_text!r} (negative or prompt)")
+        neg = jnp.broadcast_to(negative_text, cond["text"].shape).astype(cond["text"].dtype)
     both = {"text": jnp.concatenate([cond["text"], neg]),
             "audio": jnp.concatenate([cond["audio"], jnp.zeros_like(cond["audio"])]),
             "ref_latents": jnp.concatenate([cond["ref_latents"]] * 2),

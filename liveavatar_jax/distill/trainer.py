@@ -394,9 +394,13 @@ class DistillTrainer(_Trainer):
     headline = ("loss", "dmd_loss")
 
     @property
+    def anchor_weight(self) -> float:
+        return float(self.config.distill.anchor.weight)
+
+    @property
     def fields(self):
         """The real clip's latents are read only for the flow-matching anchor."""
-        if float(self.config.distill.anchor.weight) > 0:
+        if self.anchor_weight > 0:
             return FIELDS
         return tuple(f for f in FIELDS if f != "latents")
 
@@ -466,7 +470,6 @@ class DistillTrainer(_Trainer):
         self.generator_apply_fn = jax.jit(partial(steps_lib.generator_apply, dcfg, self.tx_gen),
                                           out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
         self.critic_fn = jax.jit(critic_fn, out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
-        self.anchor_weight = float(d.anchor.weight)
         if self.anchor_weight > 0:
             pcfg = steps_lib.anchor_pretrain_config(rcfg, d.anchor)
 
