@@ -142,7 +142,7 @@ def test_the_anchor_reads_the_real_clip_and_its_gradient_descends_stage_1s_loss(
 def test_null_text_prompt_guides_on_the_audio_alone(trainer, batch):
     """dmd.null_text="prompt": the null branch differs from the conditional one only by its zero audio, so on silent
     audio the guided x0 is the conditional x0 whatever the guidance; the official null branch (negative prompt) is
-    not. An unknown value is refused by name."""
+    not, except at levels outside `dmd.guidance_interval`. Unknown values are refused by name."""
     import dataclasses
 
     silent = dict(steps.conditions(batch), audio=jnp.zeros_like(batch["audio"]))
@@ -160,6 +160,43 @@ def test_null_text_prompt_guides_on_the_audio_alone(trainer, batch):
     assert np.max(np.abs(guided("negative", 3.0) - conditional)) > 1e-3
     with pytest.raises(ValueError, match="null_text 'none'"):
         guided("none", 3.0)
+    # dmd.guidance_interval: scores at levels outside it are the conditional x0 (DMD draws t in [min_t, max_t])
+    assert float(jnp.min(t)) > 10.0
+    interval = lambda lo_hi: dataclasses.replace(trainer.dcfg, null_text="negative", guidance=3.0,
+                                                 guidance_interval=lo_hi)
+    outside = np.asarray(jax.jit(lambda: steps.teacher_x0(trainer.networks, trainer.base, x_t, t, sigma, silent,
+                                                          trainer.negative_text, interval((0.0, 10.0))))())
+    np.testing.assert_allclose(outside, conditional, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        interval((500.0, 100.0))
+
+
+def test_guidance_rules_drop_what_they_name_and_keep_the_rest():
+    """losses.cfg_x0 on [B, C, F, H, W]: a null branch off by a scale of `c` moves the plain guidance and not the
+    orthogonal one, while a difference orthogonal to `c` is guided as plainly; one off by a whole-frame colour (a
+    constant per channel and frame) moves the plain guidance and not the high-pass one, while a one-cell difference
+    keeps 8/9 of its guidance at its cell. An unknown rule is refused."""
+    from liveavatar_jax.distill import losses
+
+    rng = np.random.default_rng(0)
+    c = jnp.asarray(rng.normal(size=(2, 4, 3, 5, 5)), jnp.float32)
+    g = 3.0
+    pattern = jnp.asarray(rng.normal(size=c.shape), jnp.float32)
+    pattern = pattern - jnp.sum(pattern * c, axis=(1, 3, 4), keepdims=True) / jnp.sum(c * c, axis=(1, 3, 4),
+                                                                                          keepdims=True) * c
+    np.testing.assert_allclose(losses.cfg_x0(c, c - pattern, g, "orthogonal"), c + g * pattern, atol=1e-5)
+    np.testing.assert_allclose(losses.cfg_x0(c, 0.7 * c, g, "orthogonal"), c, atol=1e-5)
+    assert float(jnp.max(jnp.abs(losses.cfg_x0(c, 0.7 * c, g, "plain") - c))) > 1.0
+
+    colour = jnp.asarray(rng.normal(size=(2, 4, 3, 1, 1)), jnp.float32)
+    np.testing.assert_allclose(losses.cfg_x0(c, c - colour, g, "high_pass"), c, atol=1e-5)
+    assert float(jnp.max(jnp.abs(losses.cfg_x0(c, c - colour, g, "plain") - c))) > 1.0
+    cell = jnp.zeros(c.shape).at[:, :, :, 2, 2].set(1.0)
+    guided = losses.cfg_x0(c, c - cell, g, "high_pass") - c
+    np.testing.assert_allclose(guided[:, :, :, 2, 2], g * 8 / 9, rtol=1e-5)
+    np.testing.assert_allclose(guided[:, :, :, 1, 1], -g / 9, rtol=1e-5)
+    with pytest.raises(ValueError, match="guidance_rule 'apg'"):
+        steps.DMDConfig(guidance_rule="apg")
 
 
 def _changed(a, b):

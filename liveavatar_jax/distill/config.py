@@ -97,7 +97,8 @@ def distill(model, blocks: int, height: int, width: int) -> ml_collections.Confi
         num_blocks=blocks, frames_per_block=3, ring_blocks=4, steps=4, shift=3.0, update="euler", cache="per_step",
         rolling_sink=True, relative_dist=(4, 30)))
     d.dmd = ml_collections.ConfigDict(dict(guidance=3.0, timestep_shift=5.0, min_t=20.0, max_t=980.0,
-                                           gradient="blockwise", null_text="negative"))
+                                           gradient="blockwise", null_text="negative",
+                                           guidance_rule="plain", guidance_interval=(0.0, 1000.0)))
     # weight > 0: the generator's gradient adds weight x Stage 1's flow-matching gradient on the batch's real clip
     # (steps.anchored_grads), with this noise-level shift, motion scaffold and audio dropout
     d.anchor = ml_collections.ConfigDict(dict(weight=0.0, shift=5.0, motion_noise=True, drop_audio=0.15))

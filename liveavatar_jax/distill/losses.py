@@ -64,9 +64,37 @@ def x0_from_velocity(x_t, v, sigma):
     return x_t.astype(jnp.float32) - sigma * v.astype(jnp.float32)
 
 
-def cfg_x0(x0_cond, x0_uncond, guidance: float):
-    """Self-Forcing convention `c + g (c - u)` (Wan convention scale 1 + g)."""
-    return x0_cond + guidance * (x0_cond - x0_uncond)
+GUIDANCE_RULES = ("plain", "orthogonal", "high_pass")
+
+
+def _box_blur(x, size: int = 3):
+    """Mean over each `size` x `size` spatial neighbourhood (the last two axes) that lies inside the frame."""
+    window = (1,) * (x.ndim - 2) + (size, size)
+    sums = jax.lax.reduce_window(x, 0.0, jax.lax.add, window, (1,) * x.ndim, "SAME")
+    counts = jax.lax.reduce_window(jnp.ones(x.shape[-2:], x.dtype), 0.0, jax.lax.add, (size, size), (1, 1), "SAME")
+    return sums / counts
+
+
+def cfg_x0(x0_cond, x0_uncond, guidance, rule: str = "plain"):
+    """Self-Forcing convention `c + g (c - u)` (Wan convention scale 1 + g), on [B, C, F, H, W]; `guidance` a
+    scalar or one per sample, broadcasting.
+
+    The other rules keep only part of `c - u`, for a null branch whose difference carries the colours too (a text
+    the teacher never trained with): "orthogonal" the part orthogonal to `c` in each frame (adaptive projected
+    guidance, Sadat et al. 2024, with eta 0: the parallel part is what over-saturates); "high_pass" what differs
+    from its 3x3 spatial neighbourhood mean (a region's colour is guided less, a latent cell's detail, such as the
+    tiny world's mouth, keeps 8/9 of its guidance).
+    """
+    delta = x0_cond - x0_uncond
+    if rule == "orthogonal":
+        along = jnp.sum(delta * x0_cond, axis=(1, -2, -1), keepdims=True)
+        along = along / jnp.maximum(jnp.sum(x0_cond * x0_cond, axis=(1, -2, -1), keepdims=True), 1e-12)
+        delta = delta - along * x0_cond
+    elif rule == "high_pass":
+        delta = delta - _box_blur(delta)
+    elif rule != "plain":
+        raise ValueError(f"unknown guidance rule {rule!r} ({', '.join(GUIDANCE_RULES)})")
+    return x0_cond + guidance * delta
 
 
 def dmd_direction(x, x0_fake, x0_real):

@@ -70,6 +70,9 @@ class DMDConfig:
     gradient: str = "blockwise"         # "blockwise" (per-block VJPs, memory of one block) or "full" (one grad)
     null_text: str = "negative"         # the null branch's text: "negative" (the negative prompt, as the official)
                                         # or "prompt" (the sample's own text: guidance on the audio alone)
+    guidance_rule: str = "plain"        # losses.cfg_x0: "plain" (official), "orthogonal" or "high_pass"
+    # guide only the scores at t in [lo, hi] (of 1000); outside, the conditional x0 alone (Kynkaanniemi et al. 2024)
+    guidance_interval: tuple[float, float] = (0.0, 1000.0)
     ema_decay: float = 0.99
     ema_start: int = 0
     remat: str = "none"                 # teacher / critic forwards
@@ -78,9 +81,17 @@ class DMDConfig:
     def __post_init__(self):
         if self.null_text not in ("negative", "prompt"):
             raise ValueError(f"unknown dmd.null_text {self.null_text!r} (negative or prompt)")
+        if self.guidance_rule not in losses.GUIDANCE_RULES:
+            raise ValueError(f"unknown dmd.guidance_rule {self.guidance_rule!r} ({', '.join(losses.GUIDANCE_RULES)})")
+        interval = self.guidance_interval
+        if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1]:
+            raise ValueError(f"dmd.guidance_interval {interval!r} needs (lo, hi) with 0 <= lo <= hi")
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "DMDConfig":
+        d = dict(d)
+        if "guidance_interval" in d:
+            d["guidance_interval"] = tuple(float(v) for v in d["guidance_interval"])
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
 
 
@@ -182,7 +193,8 @@ def _bidirectional(model, x_t, t, cond, cfg):
 
 def teacher_x0(networks: Networks, base, x_t, t, sigma, cond, negative_text, cfg: DMDConfig):
     """Frozen teacher with classifier-free guidance; the null branch has zero audio and the negative prompt (or, with
-    `null_text="prompt"`, the sample's own text, for a teacher that never trained without it)."""
+    `null_text="prompt"`, the sample's own text, for a teacher that never trained without it). Samples whose level
+    lies outside `guidance_interval` get the conditional x0; `guidance_rule` picks the part of `c - u` guided."""
     b = x_t.shape[0]
     if cfg.null_text == "prompt":
         neg = cond["text"]
@@ -194,7 +206,9 @@ def teacher_x0(networks: Networks, base, x_t, t, sigma, cond, negative_text, cfg
             "motion_latents": jnp.concatenate([cond["motion_latents"]] * 2)}
     v = _bidirectional(networks.plain(base), jnp.concatenate([x_t, x_t]), jnp.concatenate([t, t]), both, cfg)
     x0 = losses.x0_from_velocity(jnp.concatenate([x_t, x_t]), v, jnp.concatenate([sigma, sigma]))
-    return losses.cfg_x0(x0[:b], x0[b:], cfg.guidance)
+    lo, hi = cfg.guidance_interval
+    guidance = cfg.guidance * ((t >= lo) & (t <= hi)).astype(jnp.float32)
+    return losses.cfg_x0(x0[:b], x0[b:], losses.per_sample(guidance, x_t.ndim), cfg.guidance_rule)
 
 
 def critic_velocity(networks: Networks, critic, base, x_t, t, cond, cfg: DMDConfig):
