@@ -158,6 +158,14 @@ def test_null_text_prompt_guides_on_the_audio_alone(trainer, batch):
     conditional = guided("prompt", 0.0)
     np.testing.assert_allclose(guided("prompt", 3.0), conditional, rtol=1e-5, atol=1e-5)
     assert np.max(np.abs(guided("negative", 3.0) - conditional)) > 1e-3
+    # "dropped" is the negative branch with an all-zero negative prompt, whatever the negative prompt is
+    zero_negative = dataclasses.replace(trainer.dcfg, null_text="negative", guidance=3.0)
+    np.testing.assert_allclose(
+        guided("dropped", 3.0),
+        np.asarray(jax.jit(lambda: steps.teacher_x0(trainer.networks, trainer.base, x_t, t, sigma, silent,
+                                                    jnp.zeros_like(trainer.negative_text), zero_negative))()),
+        rtol=1e-5, atol=1e-5)
+    assert np.max(np.abs(guided("dropped", 3.0) - guided("negative", 3.0))) > 1e-3
     with pytest.raises(ValueError, match="null_text 'none'"):
         guided("none", 3.0)
     # dmd.guidance_interval: scores at levels outside it are the conditional x0 (DMD draws t in [min_t, max_t])

@@ -68,8 +68,9 @@ class DMDConfig:
     min_t: float = 20.0
     max_t: float = 980.0
     gradient: str = "blockwise"         # "blockwise" (per-block VJPs, memory of one block) or "full" (one grad)
-    null_text: str = "negative"         # the null branch's text: "negative" (the negative prompt, as the official)
-                                        # or "prompt" (the sample's own text: guidance on the audio alone)
+    null_text: str = "negative"         # the null branch's text: "negative" (the negative prompt, as the official),
+                                        # "prompt" (the sample's own text: guidance on the audio alone) or "dropped"
+                                        # (zeros, the text Stage 1 / the teacher train with under `drop_text`)
     guidance_rule: str = "plain"        # losses.cfg_x0: "plain" (official), "orthogonal" or "high_pass"
     # guide only the scores at t in [lo, hi] (of 1000); outside, the conditional x0 alone (Kynkaanniemi et al. 2024)
     guidance_interval: tuple[float, float] = (0.0, 1000.0)
@@ -79,8 +80,8 @@ class DMDConfig:
     attention_impl: str | None = None
 
     def __post_init__(self):
-        if self.null_text not in ("negative", "prompt"):
-            raise ValueError(f"unknown dmd.null_text {self.null_text!r} (negative or prompt)")
+        if self.null_text not in ("negative", "prompt", "dropped"):
+            raise ValueError(f"unknown dmd.null_text {self.null_text!r} (negative, prompt or dropped)")
         if self.guidance_rule not in losses.GUIDANCE_RULES:
             raise ValueError(f"unknown dmd.guidance_rule {self.guidance_rule!r} ({', '.join(losses.GUIDANCE_RULES)})")
         interval = self.guidance_interval
@@ -193,11 +194,14 @@ def _bidirectional(model, x_t, t, cond, cfg):
 
 def teacher_x0(networks: Networks, base, x_t, t, sigma, cond, negative_text, cfg: DMDConfig):
     """Frozen teacher with classifier-free guidance; the null branch has zero audio and the negative prompt (or, with
-    `null_text="prompt"`, the sample's own text, for a teacher that never trained without it). Samples whose level
+    `null_text="prompt"`, the sample's own text, for a teacher that never trained without it; with "dropped", the
+    zeros a teacher trained with `drop_text` > 0 knows as no text). Samples whose level
     lies outside `guidance_interval` get the conditional x0; `guidance_rule` picks the part of `c - u` guided."""
     b = x_t.shape[0]
     if cfg.null_text == "prompt":
         neg = cond["text"]
+    elif cfg.null_text == "dropped":
+        neg = jnp.zeros_like(cond["text"])
     else:
         neg = jnp.broadcast_to(negative_text, cond["text"].shape).astype(cond["text"].dtype)
     both = {"text": jnp.concatenate([cond["text"], neg]),
