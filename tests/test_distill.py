@@ -139,10 +139,11 @@ def test_the_anchor_reads_the_real_clip_and_its_gradient_descends_stage_1s_loss(
     assert float(loss_at(stepped)) < float(loss)
 
 
-def test_null_text_prompt_guides_on_the_audio_alone(trainer, batch):
+def test_null_branch_texts_and_the_guidance_interval(trainer, batch):
     """dmd.null_text="prompt": the null branch differs from the conditional one only by its zero audio, so on silent
     audio the guided x0 is the conditional x0 whatever the guidance; the official null branch (negative prompt) is
-    not, except at levels outside `dmd.guidance_interval`. Unknown values are refused by name."""
+    not, except at levels outside `dmd.guidance_interval`; "dropped" is the official branch with a zero negative
+    prompt. Unknown values are refused by name."""
     import dataclasses
 
     silent = dict(steps.conditions(batch), audio=jnp.zeros_like(batch["audio"]))

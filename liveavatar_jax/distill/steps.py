@@ -195,8 +195,8 @@ def _bidirectional(model, x_t, t, cond, cfg):
 def teacher_x0(networks: Networks, base, x_t, t, sigma, cond, negative_text, cfg: DMDConfig):
     """Frozen teacher with classifier-free guidance; the null branch has zero audio and the negative prompt (or, with
     `null_text="prompt"`, the sample's own text, for a teacher that never trained without it; with "dropped", the
-    zeros a teacher trained with `drop_text` > 0 knows as no text). Samples whose level
-    lies outside `guidance_interval` get the conditional x0; `guidance_rule` picks the part of `c - u` guided."""
+    zeros a teacher trained with `drop_text` > 0 knows as no text). Samples whose level lies outside
+    `guidance_interval` get the conditional x0; `guidance_rule` picks the part of `c - u` that is guided."""
     b = x_t.shape[0]
     if cfg.null_text == "prompt":
         neg = cond["text"]
