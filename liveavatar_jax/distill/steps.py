@@ -36,6 +36,7 @@ from liveavatar_jax.models import dit_sequence
 _S_NOISE, _S_TIME, _S_MOTION, _S_DROP, _S_ROPE, _S_PLAN, _S_DMD_T, _S_DMD_EPS = range(8)
 CRITIC_STREAM = 100                 # key stream of the critic's iteration (the generator's is 0)
 ANCHOR_STREAM = 200                 # key stream of the generator's flow-matching anchor
+NULL_TEXTS = ("negative", "prompt", "dropped")     # DMDConfig.null_text, read by teacher_x0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +81,8 @@ class DMDConfig:
     attention_impl: str | None = None
 
     def __post_init__(self):
-        if self.null_text not in ("negative", "prompt", "dropped"):
-            raise ValueError(f"unknown dmd.null_text {self.null_text!r} (negative, prompt or dropped)")
+        if self.null_text not in NULL_TEXTS:
+            raise ValueError(f"unknown dmd.null_text {self.null_text!r} ({', '.join(NULL_TEXTS)})")
         if self.guidance_rule not in losses.GUIDANCE_RULES:
             raise ValueError(f"unknown dmd.guidance_rule {self.guidance_rule!r} ({', '.join(losses.GUIDANCE_RULES)})")
         interval = self.guidance_interval
