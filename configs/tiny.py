@@ -42,8 +42,9 @@ def get_config():
     # docs/tinyworld.md). The rolling RoPE half of RSFM stays on.
     # ring_blocks=2: every stage of the tiny world trains on 6-latent-frame clips (tinyworld_teacher.FRAMES), two
     # blocks, so no block ever attended to more than one block before it; a ring of 4 shows the student contexts it
-    # never trained on, and its colours move further (unseen-speech drift 5.7 with 4, 5.2 with 2, sync 0.64 both;
-    # docs/tinyworld.md, "Where the colours move"). Stage 2's rollout follows it and trains exactly as with 4.
+    # never trained on, and its colours move further (unseen-speech drift 5.7 with 4, 5.2 with 2, sync 0.64 both, on
+    # the weights of the morning of 2026-11-30; docs/tinyworld.md, "Where the colours move"). Stage 2's rollout
+    # follows it and trains exactly as with 4.
     c.stream = dict(steps=4, shift=3.0, frames_per_block=3, ring_blocks=2, sink_replace_block=None,
                     rolling_sink=True, relative_dist=(4, 30), prime_latents=7, drop_first_frames=0)
     return c

@@ -12,6 +12,7 @@ from configs import tinyworld_teacher
 def get_config():
     c = tinyworld_teacher.get_config()
     c.pretrain.causal = True            # block-causal attention, an independent noise level per 3-frame block
+    c.pretrain.drop_text = 0.0          # the student is never guided; only the teacher needs the null text
     c.total_steps = 400
     c.checkpoint_every = 200
     c.optimizer.lr = 3e-4

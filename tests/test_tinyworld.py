@@ -243,3 +243,20 @@ def test_recipe_vae_flag_uses_the_given_vae_instead_of_training_one(tmp_path, ca
     assert tinyworld_main(["recipe", "--out", str(tmp_path / "run2"), "--vae", str(missing)]) == 2
     assert str(missing) in capsys.readouterr().err
     assert not (tmp_path / "run2" / "clips").exists()
+
+
+def test_recipe_time_is_recorded_only_for_the_whole_recipe(tmp_path, monkeypatch):
+    """`recipe.json`'s "recipe" seconds time the default stages run in one call; a later partial call (the ablation,
+    an install, one stage again) keeps that figure instead of replacing it with its own few seconds."""
+    from liveavatar_jax.tinyworld.recipe import Recipe
+
+    run = tmp_path / "run"
+    for stage in Recipe.STAGES:
+        monkeypatch.setattr(Recipe, f"stage_{stage}", lambda self: None)
+    recipe = Recipe(run, clips=1, seconds=1.0, eval_clips=1, eval_seconds=1.0, log=lambda line: None)
+    recipe()
+    whole = json.loads((run / "recipe.json").read_text())["stages"]["recipe"]
+    (run / "recipe.json").write_text(json.dumps({"stages": {"recipe": {"seconds": 3283.0}}}))
+    assert tinyworld_main(["recipe", "--out", str(run), "--stages", "eval,ablation"]) == 0
+    assert json.loads((run / "recipe.json").read_text())["stages"]["recipe"] == {"seconds": 3283.0}
+    assert set(whole) == {"seconds"}

@@ -198,7 +198,7 @@ class Recipe:
             shutil.copyfile(src, self.weights_dir / name)
             files[name] = {"bytes": src.stat().st_size, "sha256": _sha256(src), "from": str(src.relative_to(self.run))}
         manifest = {"recipe": "python -m liveavatar_jax.tinyworld recipe", "files": files, "stages": self.figures}
-        (self.weights_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        (self.weights_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         self._record("weights", megabytes=round(sum(f["bytes"] for f in files.values()) / 1e6, 2))
 
     def stage_eval(self, steps: int = 4, name: str = "eval", extra: list[str] | None = None) -> dict:
@@ -328,16 +328,19 @@ class Recipe:
         manifest = json.loads((self.weights_dir / "manifest.json").read_text())
         manifest["files"] = {k: v for k, v in manifest["files"].items() if k in (TRAINED_DIT, TRAINED_VAE)}
         manifest["stages"] = self.figures
-        (ASSETS / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        (ASSETS / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
         self.log(f"[install] {ASSETS}")
 
     STAGES = ("clips", "vae", "data", "teacher", "student", "distill", "weights", "eval", "teacher_eval", "ablation")
+    DEFAULT_STAGES = STAGES[:-1]     # what `recipe` runs unless told: all but the ablation
 
-    def __call__(self, stages=STAGES, install: bool = False):
+    def __call__(self, stages=DEFAULT_STAGES, install: bool = False):
         t0 = time.perf_counter()
         for stage in stages:
             getattr(self, f"stage_{stage}")()
-        self._record("recipe", seconds=round(time.perf_counter() - t0, 1))
+        if tuple(stages) == self.DEFAULT_STAGES:
+            # the whole recipe's time; a later partial call (the ablation, an install) must not overwrite it
+            self._record("recipe", seconds=round(time.perf_counter() - t0, 1))
         if install:
             self.install()
         return self.figures
