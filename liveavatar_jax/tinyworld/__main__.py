@@ -78,8 +78,8 @@ def parse_args(argv):
     r.add_argument("--seconds", type=float, default=8.0, help="length of each training clip")
     r.add_argument("--eval_clips", type=int, default=3, help="evaluation clips (unseen faces, voices, sentences)")
     r.add_argument("--eval_seconds", type=float, default=20.0)
-    r.add_argument("--stages", default=None, help="comma-separated stages, in order (default: clips, vae, data, "
-                   "teacher, student, distill, weights, eval, teacher_eval; also: ablation, the 10-minute table)")
+    r.add_argument("--stages", default=None, help="comma-separated stages, in order (default: every stage but "
+                   "ablation, the 10-minute table; \"\" runs none, e.g. with --install)")
     r.add_argument("--vae", default=None, help="a trained vae.safetensors to use instead of training one (for "
                    "example liveavatar_jax/assets/tinyworld/vae.safetensors, the embedded default's)")
     r.add_argument("--install", action="store_true", help="copy the weights to liveavatar_jax/assets/tinyworld")

@@ -48,6 +48,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _write_json(path: Path, obj) -> None:
+    """The recipe's JSON files (figures, rows, manifests): indented, ending with a newline."""
+    path.write_text(json.dumps(obj, indent=1) + "\n")
+
+
 def _last_metrics(workdir: Path) -> dict:
     path = workdir / "metrics.jsonl"
     if not path.is_file():
@@ -101,7 +106,7 @@ class Recipe:
 
     def _record(self, stage: str, **figures):
         self.figures[stage] = {**self.figures.get(stage, {}), **figures}
-        self.summary_path.write_text(json.dumps({"stages": self.figures}, indent=1))
+        _write_json(self.summary_path, {"stages": self.figures})
         shown = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())
         self.log(f"[{stage}] {shown}")
 
@@ -198,7 +203,7 @@ class Recipe:
             shutil.copyfile(src, self.weights_dir / name)
             files[name] = {"bytes": src.stat().st_size, "sha256": _sha256(src), "from": str(src.relative_to(self.run))}
         manifest = {"recipe": "python -m liveavatar_jax.tinyworld recipe", "files": files, "stages": self.figures}
-        (self.weights_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        _write_json(self.weights_dir / "manifest.json", manifest)
         self._record("weights", megabytes=round(sum(f["bytes"] for f in files.values()) / 1e6, 2))
 
     def stage_eval(self, steps: int = 4, name: str = "eval", extra: list[str] | None = None) -> dict:
@@ -230,7 +235,7 @@ class Recipe:
         figures = {"clips": len(rows), "seconds_each": self.eval_seconds, "steps": steps,
                    "student_sync": mean("student_sync"), "truth_sync": mean("truth_sync"),
                    "student_drift_max": mean("student_drift_max"), "truth_drift_max": mean("truth_drift_max")}
-        (out / "rows.json").write_text(json.dumps(rows, indent=1))
+        _write_json(out / "rows.json", rows)
         self._record(name, **figures)
         return figures
 
@@ -313,7 +318,7 @@ class Recipe:
             self.log(f"[ablation] {name}: {rows[name]}")
         truth = evaluate(gt, gt.with_suffix(".wav"), gt.with_suffix(".png"))
         rows["ground truth render"] = {"sync": truth["sync"], "drift_max": truth["drift"]["max"]}
-        (out / "table.json").write_text(json.dumps(rows, indent=1))
+        _write_json(out / "table.json", rows)
         self._record("ablation", seconds_of_audio=seconds, rows=len(rows))
         return rows
 
@@ -328,7 +333,7 @@ class Recipe:
         manifest = json.loads((self.weights_dir / "manifest.json").read_text())
         manifest["files"] = {k: v for k, v in manifest["files"].items() if k in (TRAINED_DIT, TRAINED_VAE)}
         manifest["stages"] = self.figures
-        (ASSETS / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        _write_json(ASSETS / "manifest.json", manifest)
         self.log(f"[install] {ASSETS}")
 
     STAGES = ("clips", "vae", "data", "teacher", "student", "distill", "weights", "eval", "teacher_eval", "ablation")
