@@ -9,6 +9,12 @@ Prints one JSON object:
             is in sync from one that is consistently early or late.
   drift     CIEDE2000 colour difference between the mean colour of the face region (and of the background region)
             in each minute of video and in the reference image: lists per minute, and `max` over both.
+  quiet_face_psnr
+            PSNR (dB) of the face and mouth regions against the reference image over the frames where the law keeps
+            the mouth closed (opening < `QUIET_OPENING`): there the right frame is the reference itself, up to the
+            head's sway, so a face that blurs, recolours or breaks up in the pauses of the speech scores low, which
+            neither sync nor drift (a minute's mean colour) shows. null when no frame is quiet; `quiet_frames` counts
+            them.
   frames    video frames evaluated; also fps, seconds and the regions used.
 
 How the pixels are measured (docs/tinyworld.md has the full account and how to check it):
@@ -28,6 +34,8 @@ How the pixels are measured (docs/tinyworld.md has the full account and how to c
    (0-255). The world's open mouth is luma 21 and its skin and lips at least 100, so the count is the area of the open
    mouth in pixels; a pixel the edge of the mouth crosses counts in proportion.
 3. Colour of a region: the mean CIE L*a*b* (D65) of its pixels over the frames of one minute.
+4. Quiet face: the mean squared difference between the sRGB values (0-255) of the face and mouth regions and the
+   reference's, over the frames whose true opening is below `QUIET_OPENING`; quiet_face_psnr = 10 log10(255^2 / it).
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ MARGIN_RATIO = 0.035
 DARK_LUMA_LOW = 30.0
 DARK_LUMA_HIGH = 90.0
 MAX_LAG_FRAMES = 5
+QUIET_OPENING = 0.05
 EXIT_BAD_INPUT = 2
 
 
@@ -262,7 +271,7 @@ def evaluate(video, audio, image, *, tolerance_s: float = 0.5, max_seconds: floa
         samples = samples[:int(round(max_seconds * SAMPLE_RATE))]
 
     reference = regions = None
-    measured, face_lab, background_lab = [], [], []
+    measured, face_lab, background_lab, still_error = [], [], [], []
     for i, frame in enumerate(iter_frames(video)):
         if limit is not None and i >= limit:
             break
@@ -274,6 +283,7 @@ def evaluate(video, audio, image, *, tolerance_s: float = 0.5, max_seconds: floa
                 regions = locate_regions(reference)
             except EvalError as e:
                 raise EvalError(f"{image}: {e}") from None
+            still = regions.face | regions.mouth       # what a closed mouth leaves as in the reference
             if overlay is not None:
                 from PIL import Image
 
@@ -281,6 +291,7 @@ def evaluate(video, audio, image, *, tolerance_s: float = 0.5, max_seconds: floa
         elif frame.shape[:2] != (height, width):
             raise EvalError(f"{video}: frame {i} is {frame.shape[1]}x{frame.shape[0]}, the first was {width}x{height}")
         measured.append(mouth_darkness(frame, regions.mouth))
+        still_error.append(float(np.mean((frame[still].astype(np.float64) - reference[still]) ** 2)))
         if regions.face.any():
             face_lab.append(srgb8_to_lab(frame[regions.face]).mean(axis=0))
         if regions.background.any():
@@ -316,12 +327,16 @@ def evaluate(video, audio, image, *, tolerance_s: float = 0.5, max_seconds: floa
     if series is not None:
         series.update({"fps": fps, "measured_dark_pixels": measured.round(4).tolist(),
                        "truth_opening": truth.round(5).tolist()})
+    quiet = truth < QUIET_OPENING
+    quiet_error = float(np.mean(np.asarray(still_error)[quiet])) if quiet.any() else None
+    quiet_psnr = None if quiet_error is None else round(10 * math.log10(255.0 ** 2 / max(quiet_error, 1e-10)), 3)
     sync = pearson(measured, truth)
     lag = best_lag(measured, truth)
     if lag is not None:
         lag["sync"] = round(lag["sync"], 4)
     return {"sync": None if sync is None else round(sync, 4), "sync_lag": lag,
-            "drift": drift, "frames": int(frames), "fps": fps, "seconds": round(video_s, 3),
+            "drift": drift, "quiet_face_psnr": quiet_psnr, "quiet_frames": int(quiet.sum()),
+            "frames": int(frames), "fps": fps, "seconds": round(video_s, 3),
             "regions": regions.summary()}
 
 

@@ -1,4 +1,5 @@
-"""liveavatar_jax.eval: sync of ground-truth, frozen and late renders; drift of colour-shifted renders; bad input."""
+"""liveavatar_jax.eval: sync of ground-truth, frozen and late renders; drift of colour-shifted renders; the quiet face
+of a render broken in the pauses; bad input."""
 
 import json
 import subprocess
@@ -37,6 +38,14 @@ def world(tmp_path_factory):
     out["late"] = clips.write_mp4(root / "late.mp4", late, clip.audio)
     shifted = np.clip(clip.frames.astype(np.int16) + np.array([18, 0, -18]), 0, 255).astype(np.uint8)
     out["shifted"] = clips.write_mp4(root / "shifted.mp4", shifted, clip.audio)
+    # the face broken into 4x4 tiles of +-20 in the frames where the law keeps the mouth shut: the mean colour and
+    # the opening stay, as in a student whose face breaks up in the pauses of speech
+    tiles = np.where((np.indices((64, 64)) // 4).sum(0) % 2 == 0, 20, -20)[..., None]
+    broken = clip.frames.astype(np.int16)
+    quiet = clip.openings < metrics.QUIET_OPENING
+    broken[quiet, 16:56, 12:52] += tiles[16:56, 12:52]
+    out["broken"] = clips.write_mp4(root / "broken.mp4", np.clip(broken, 0, 255).astype(np.uint8), clip.audio)
+    out["quiet_frames"] = int(quiet.sum())
     return out
 
 
@@ -52,6 +61,7 @@ def test_ground_truth_render_is_in_sync_without_drift(world, capsys, tmp_path):
     assert len(result["drift"]["face_per_minute"]) == 1 and len(result["drift"]["background_per_minute"]) == 1
     assert result["drift"]["max"] < 2.0
     assert result["regions"]["mouth_found"]
+    assert result["quiet_face_psnr"] > 28 and result["quiet_frames"] == world["quiet_frames"] > 10
     s = json.loads(series.read_text())
     assert len(s["measured_dark_pixels"]) == len(s["truth_opening"]) == 150
     np.testing.assert_allclose(s["truth_opening"], world["clip"].openings, atol=2e-3)
@@ -77,6 +87,13 @@ def test_colour_shift_shows_as_drift(world):
     assert min(result["drift"]["face_per_minute"][0], result["drift"]["background_per_minute"][0]) > 5
     assert result["drift"]["max"] > 5
     assert result["sync"] > 0.9               # the mouth is still where it should be
+
+
+def test_a_face_that_breaks_up_in_the_pauses_shows_in_quiet_face_psnr(world):
+    truth = metrics.evaluate(world["truth"], world["audio"], world["image"])
+    broken = metrics.evaluate(world["broken"], world["audio"], world["image"])
+    assert broken["quiet_face_psnr"] < truth["quiet_face_psnr"] - 8
+    assert broken["sync"] > 0.9 and broken["drift"]["max"] < 2.0      # what sync and drift alone would not show
 
 
 def test_ground_truth_render_of_real_speech_is_in_sync(tmp_path):

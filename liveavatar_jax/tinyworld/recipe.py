@@ -230,11 +230,12 @@ class Recipe:
                 scored = evaluate(video, gt.with_suffix(".wav"), gt.with_suffix(".png"))
                 row[f"{kind}_sync"] = scored["sync"]
                 row[f"{kind}_drift_max"] = scored["drift"]["max"]
+                row[f"{kind}_quiet_face_psnr"] = scored["quiet_face_psnr"]
             rows.append(row)
-        mean = lambda key: round(float(sum(r[key] for r in rows) / len(rows)), 4)   # noqa: E731
+        mean = lambda key: round(float(np.mean([r[key] for r in rows if r[key] is not None])), 4)   # noqa: E731
         figures = {"clips": len(rows), "seconds_each": self.eval_seconds, "steps": steps,
-                   "student_sync": mean("student_sync"), "truth_sync": mean("truth_sync"),
-                   "student_drift_max": mean("student_drift_max"), "truth_drift_max": mean("truth_drift_max")}
+                   **{f"{kind}_{metric}": mean(f"{kind}_{metric}")
+                      for metric in ("sync", "drift_max", "quiet_face_psnr") for kind in ("student", "truth")}}
         _write_json(out / "rows.json", rows)
         self._record(name, **figures)
         return figures
@@ -268,10 +269,11 @@ class Recipe:
                 frames = frames[plan.drop_first_frames: plan.drop_first_frames + plan.video_frames]
                 write_mp4(video, frames, load_audio(gt.with_suffix(".wav")))
             scored = evaluate(video, gt.with_suffix(".wav"), gt.with_suffix(".png"))
-            rows.append({"seed": seed, "teacher_sync": scored["sync"], "teacher_drift_max": scored["drift"]["max"]})
+            rows.append({"seed": seed, "teacher_sync": scored["sync"], "teacher_drift_max": scored["drift"]["max"],
+                         "teacher_quiet_face_psnr": scored["quiet_face_psnr"]})
         figures = {"clips": len(rows), "sampling_steps": steps, "guidance": guidance,
-                   "teacher_sync": round(float(np.mean([r["teacher_sync"] for r in rows])), 4),
-                   "teacher_drift_max": round(float(np.mean([r["teacher_drift_max"] for r in rows])), 4)}
+                   **{key: round(float(np.mean([r[key] for r in rows if r[key] is not None])), 4)
+                      for key in ("teacher_sync", "teacher_drift_max", "teacher_quiet_face_psnr")}}
         self._record("teacher_eval", **figures)
         return figures
 
@@ -314,10 +316,12 @@ class Recipe:
             rows[name] = {"command": "python -m infer.stream --image IMG --audio AUDIO --out OUT "
                                      + " ".join(extra),
                           "sync": scored["sync"], "drift_max": scored["drift"]["max"],
+                          "quiet_face_psnr": scored["quiet_face_psnr"],
                           "drift_face_per_minute": scored["drift"].get("face_per_minute"), "steady_fps": summary.get("steady_fps")}
             self.log(f"[ablation] {name}: {rows[name]}")
         truth = evaluate(gt, gt.with_suffix(".wav"), gt.with_suffix(".png"))
-        rows["ground truth render"] = {"sync": truth["sync"], "drift_max": truth["drift"]["max"]}
+        rows["ground truth render"] = {"sync": truth["sync"], "drift_max": truth["drift"]["max"],
+                                       "quiet_face_psnr": truth["quiet_face_psnr"]}
         _write_json(out / "table.json", rows)
         self._record("ablation", seconds_of_audio=seconds, rows=len(rows))
         return rows
