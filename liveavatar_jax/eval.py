@@ -283,7 +283,7 @@ def evaluate(video, audio, image, *, tolerance_s: float = 0.5, max_seconds: floa
                 regions = locate_regions(reference)
             except EvalError as e:
                 raise EvalError(f"{image}: {e}") from None
-            still = regions.face | regions.mouth       # what a closed mouth leaves as in the reference
+            still = regions.face | regions.mouth       # in a quiet frame, the reference's pixels
             if overlay is not None:
                 from PIL import Image
 

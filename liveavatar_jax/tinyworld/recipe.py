@@ -53,6 +53,11 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1) + "\n")
 
 
+def _mean(rows: list[dict], key: str) -> float:
+    """The mean of a figure over the evaluation's clips, leaving out the clips where it is undefined (null)."""
+    return round(float(np.mean([r[key] for r in rows if r[key] is not None])), 4)
+
+
 def _last_metrics(workdir: Path) -> dict:
     path = workdir / "metrics.jsonl"
     if not path.is_file():
@@ -232,9 +237,8 @@ class Recipe:
                 row[f"{kind}_drift_max"] = scored["drift"]["max"]
                 row[f"{kind}_quiet_face_psnr"] = scored["quiet_face_psnr"]
             rows.append(row)
-        mean = lambda key: round(float(np.mean([r[key] for r in rows if r[key] is not None])), 4)   # noqa: E731
         figures = {"clips": len(rows), "seconds_each": self.eval_seconds, "steps": steps,
-                   **{f"{kind}_{metric}": mean(f"{kind}_{metric}")
+                   **{f"{kind}_{metric}": _mean(rows, f"{kind}_{metric}")
                       for metric in ("sync", "drift_max", "quiet_face_psnr") for kind in ("student", "truth")}}
         _write_json(out / "rows.json", rows)
         self._record(name, **figures)
@@ -272,7 +276,7 @@ class Recipe:
             rows.append({"seed": seed, "teacher_sync": scored["sync"], "teacher_drift_max": scored["drift"]["max"],
                          "teacher_quiet_face_psnr": scored["quiet_face_psnr"]})
         figures = {"clips": len(rows), "sampling_steps": steps, "guidance": guidance,
-                   **{key: round(float(np.mean([r[key] for r in rows if r[key] is not None])), 4)
+                   **{key: _mean(rows, key)
                       for key in ("teacher_sync", "teacher_drift_max", "teacher_quiet_face_psnr")}}
         self._record("teacher_eval", **figures)
         return figures
@@ -317,7 +321,8 @@ class Recipe:
                                      + " ".join(extra),
                           "sync": scored["sync"], "drift_max": scored["drift"]["max"],
                           "quiet_face_psnr": scored["quiet_face_psnr"],
-                          "drift_face_per_minute": scored["drift"].get("face_per_minute"), "steady_fps": summary.get("steady_fps")}
+                          "drift_face_per_minute": scored["drift"].get("face_per_minute"),
+                          "steady_fps": summary.get("steady_fps")}
             self.log(f"[ablation] {name}: {rows[name]}")
         truth = evaluate(gt, gt.with_suffix(".wav"), gt.with_suffix(".png"))
         rows["ground truth render"] = {"sync": truth["sync"], "drift_max": truth["drift"]["max"],
