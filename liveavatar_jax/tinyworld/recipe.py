@@ -53,6 +53,16 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=1) + "\n")
 
 
+# the figures of `eval.evaluate` every evaluation stage records per clip (or row), in this order
+FIGURES = ("sync", "drift_max", "quiet_face_psnr")
+
+
+def _figures(scored: dict, prefix: str = "") -> dict:
+    """`FIGURES` of one `eval.evaluate` result, named `prefix` + figure."""
+    values = {"sync": scored["sync"], "drift_max": scored["drift"]["max"], "quiet_face_psnr": scored["quiet_face_psnr"]}
+    return {prefix + name: values[name] for name in FIGURES}
+
+
 def _mean(rows: list[dict], key: str) -> float:
     """The mean of a figure over the evaluation's clips, leaving out the clips where it is undefined (null)."""
     return round(float(np.mean([r[key] for r in rows if r[key] is not None])), 4)
@@ -232,14 +242,11 @@ class Recipe:
                                      f"--config.trained_weights={self.weights_dir}", *(extra or [])])
             row = {"seed": seed}
             for kind, video in (("student", gen), ("truth", gt)):
-                scored = evaluate(video, gt.with_suffix(".wav"), gt.with_suffix(".png"))
-                row[f"{kind}_sync"] = scored["sync"]
-                row[f"{kind}_drift_max"] = scored["drift"]["max"]
-                row[f"{kind}_quiet_face_psnr"] = scored["quiet_face_psnr"]
+                row.update(_figures(evaluate(video, gt.with_suffix(".wav"), gt.with_suffix(".png")), f"{kind}_"))
             rows.append(row)
         figures = {"clips": len(rows), "seconds_each": self.eval_seconds, "steps": steps,
                    **{f"{kind}_{metric}": _mean(rows, f"{kind}_{metric}")
-                      for metric in ("sync", "drift_max", "quiet_face_psnr") for kind in ("student", "truth")}}
+                      for metric in FIGURES for kind in ("student", "truth")}}
         _write_json(out / "rows.json", rows)
         self._record(name, **figures)
         return figures
@@ -273,11 +280,9 @@ class Recipe:
                 frames = frames[plan.drop_first_frames: plan.drop_first_frames + plan.video_frames]
                 write_mp4(video, frames, load_audio(gt.with_suffix(".wav")))
             scored = evaluate(video, gt.with_suffix(".wav"), gt.with_suffix(".png"))
-            rows.append({"seed": seed, "teacher_sync": scored["sync"], "teacher_drift_max": scored["drift"]["max"],
-                         "teacher_quiet_face_psnr": scored["quiet_face_psnr"]})
+            rows.append({"seed": seed, **_figures(scored, "teacher_")})
         figures = {"clips": len(rows), "sampling_steps": steps, "guidance": guidance,
-                   **{key: _mean(rows, key)
-                      for key in ("teacher_sync", "teacher_drift_max", "teacher_quiet_face_psnr")}}
+                   **{f"teacher_{metric}": _mean(rows, f"teacher_{metric}") for metric in FIGURES}}
         self._record("teacher_eval", **figures)
         return figures
 
@@ -319,14 +324,12 @@ class Recipe:
             scored = evaluate(video, gt.with_suffix(".wav"), gt.with_suffix(".png"))
             rows[name] = {"command": "python -m infer.stream --image IMG --audio AUDIO --out OUT "
                                      + " ".join(extra),
-                          "sync": scored["sync"], "drift_max": scored["drift"]["max"],
-                          "quiet_face_psnr": scored["quiet_face_psnr"],
+                          **_figures(scored),
                           "drift_face_per_minute": scored["drift"].get("face_per_minute"),
                           "steady_fps": summary.get("steady_fps")}
             self.log(f"[ablation] {name}: {rows[name]}")
         truth = evaluate(gt, gt.with_suffix(".wav"), gt.with_suffix(".png"))
-        rows["ground truth render"] = {"sync": truth["sync"], "drift_max": truth["drift"]["max"],
-                                       "quiet_face_psnr": truth["quiet_face_psnr"]}
+        rows["ground truth render"] = _figures(truth)
         _write_json(out / "table.json", rows)
         self._record("ablation", seconds_of_audio=seconds, rows=len(rows))
         return rows
