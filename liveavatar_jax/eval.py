@@ -284,6 +284,7 @@ def evaluate(video, audio, image, *, tolerance_s: float = 0.5, max_seconds: floa
             except EvalError as e:
                 raise EvalError(f"{image}: {e}") from None
             still = regions.face | regions.mouth       # in a quiet frame, the reference's pixels
+            still_reference = reference[still].astype(np.float64)
             if overlay is not None:
                 from PIL import Image
 
@@ -291,7 +292,7 @@ def evaluate(video, audio, image, *, tolerance_s: float = 0.5, max_seconds: floa
         elif frame.shape[:2] != (height, width):
             raise EvalError(f"{video}: frame {i} is {frame.shape[1]}x{frame.shape[0]}, the first was {width}x{height}")
         measured.append(mouth_darkness(frame, regions.mouth))
-        still_error.append(float(np.mean((frame[still].astype(np.float64) - reference[still]) ** 2)))
+        still_error.append(float(np.mean((frame[still] - still_reference) ** 2)))
         if regions.face.any():
             face_lab.append(srgb8_to_lab(frame[regions.face]).mean(axis=0))
         if regions.background.any():

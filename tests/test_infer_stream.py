@@ -19,8 +19,8 @@ DATA = REPO / "tests" / "data"
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
 # A clip no training stage saw (tinyworld/recipe.py EVAL_SEED + 51). The committed weights score 0.76 on it (the
 # guidance-3 weights at EMA 0.99 0.79; those of the afternoon of 2026-11-30 0.80; of its morning 0.79 with the
-# stream's ring of 2 blocks or of 4), random ones -0.04;
-# weights of 2026-11-28 scored 0.35 on seed 900050, too close to the guard's 0.3, hence 900051
+# stream's ring of 2 blocks or of 4), random ones -0.04; weights of 2026-11-28 scored 0.35 on seed 900050, too close
+# to the guard's 0.3, hence 900051
 SYNC_SEED = 900_051
 
 
